@@ -1,0 +1,274 @@
+//! The configuration: the checked `Config` the rest of apilb runs on, and `load()`.
+//!
+//! `raw` holds the serde types that mirror the file; `validate` turns them into a
+//! `Config`, collecting every problem with its field path. Nothing here opens a
+//! socket or starts a task.
+
+pub mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use validate::validate;
+
+/// Where the admin server listens when `admin.listen` is not set.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8404";
+/// How long open connections may finish after SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Open client connections per frontend before new ones are refused.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// Time allowed for one TCP connect to a backend.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Distinct servers tried for one client connection.
+pub const DEFAULT_CONNECT_ATTEMPTS: u32 = 3;
+/// Probe path: `/readyz` fails as soon as an apiserver begins shutting down.
+pub const DEFAULT_HEALTH_PATH: &str = "/readyz";
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
+/// Upper bound on `connect_attempts`; more only delays the client's own retry.
+pub const MAX_CONNECT_ATTEMPTS: u32 = 16;
+/// Upper bound on `workers`.
+pub const MAX_WORKERS: usize = 256;
+
+/// A whole, checked configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from, when there is one (reloads re-read it).
+    pub source: Option<PathBuf>,
+    pub admin: AdminConfig,
+    pub shutdown_grace: Duration,
+    /// Runtime worker threads; `None` means one per core.
+    pub workers: Option<usize>,
+    pub frontends: Vec<FrontendConfig>,
+    pub pools: Vec<PoolConfig>,
+}
+
+impl Config {
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// The one-line summary `apilb check` prints.
+    pub fn summary(&self) -> String {
+        let servers: usize = self.pools.iter().map(|p| p.servers.len()).sum();
+        format!(
+            "ok: {} frontends, {} pools, {} servers",
+            self.frontends.len(),
+            self.pools.len(),
+            servers
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Bytes pass through untouched; TLS stays end to end.
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrontendConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub mode: Mode,
+    pub pool: String,
+    pub max_connections: usize,
+    /// Close a connection after this long with no byte either way; off by default
+    /// because watches and `logs -f` sit idle for minutes.
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConnections,
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Balance::RoundRobin => "round-robin",
+            Balance::LeastConnections => "least-connections",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllDownPolicy {
+    /// Fail open: keep spreading over every server when none looks healthy.
+    TryAll,
+    /// Close new connections at once when no server is healthy.
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub balance: Balance,
+    pub servers: Vec<ServerConfig>,
+    pub connect_timeout: Duration,
+    pub connect_attempts: u32,
+    pub when_all_down: AllDownPolicy,
+    /// After a reload removes a server, close its open connections after this
+    /// long; `None` lets them run until they end by themselves.
+    pub drain_timeout: Option<Duration>,
+    /// Upstream TLS for L7 frontends; checked here so a reload can refuse it.
+    pub tls: Option<UpstreamTls>,
+    pub health: HealthConfig,
+}
+
+/// One backend as written in `servers`, with the address it resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// `host:port` as written (without a scheme): the identity used for metrics
+    /// labels, logs and carrying state across reloads.
+    pub key: String,
+    pub host: String,
+    pub port: u16,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTls {
+    pub ca_file: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub front_proxy_cert_file: Option<PathBuf>,
+    pub front_proxy_key_file: Option<PathBuf>,
+    pub insecure_skip_verify: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    Tcp,
+    Http,
+    Https,
+    None,
+}
+
+impl fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::Http => "http",
+            CheckKind::Https => "https",
+            CheckKind::None => "none",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub check: CheckKind,
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Close client connections to a backend that stayed down this long.
+    pub close_after_down: Option<Duration>,
+    pub tls: ProbeTls,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ProbeTls {
+    pub ca_file: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub insecure_skip_verify: bool,
+}
+
+/// One problem in a config file, with the field it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// `pools[1].health.rise`, or the file path for problems with the file itself.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in one config; never empty.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub errors: Vec<FieldError>,
+}
+
+impl ConfigError {
+    pub fn single(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            errors: vec![FieldError {
+                path: path.into(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads, parses and validates a config file. Blocking (file I/O and DNS):
+/// async callers run it on `spawn_blocking`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        ConfigError::single(
+            path.display().to_string(),
+            format!("cannot read config: {e}"),
+        )
+    })?;
+    from_bytes(path, &bytes)
+}
+
+/// Parses and validates the bytes of the file at `path` (used for errors and
+/// recorded as the config's source). Blocking: it resolves host names.
+pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Config, ConfigError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        ConfigError::single(path.display().to_string(), format!("not UTF-8 text: {e}"))
+    })?;
+    let mut cfg = parse(text).map_err(|mut e| {
+        for fe in &mut e.errors {
+            if fe.path.is_empty() {
+                fe.path = path.display().to_string();
+            }
+        }
+        e
+    })?;
+    cfg.source = Some(path.to_path_buf());
+    Ok(cfg)
+}
+
+/// Parses and validates YAML text. Relative TLS paths are taken as written.
+pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    if text.trim().is_empty() {
+        return Err(ConfigError::single("", "config is empty"));
+    }
+    let raw: raw::RawConfig = serde_yaml::from_str(text).map_err(|e| {
+        // serde_yaml names the field path itself ("pools[0].rise: ...").
+        ConfigError::single("", format!("invalid YAML: {e}"))
+    })?;
+    validate(&raw)
+}

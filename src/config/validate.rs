@@ -1,0 +1,502 @@
+//! Turns a `RawConfig` into a checked `Config`, collecting every error with its path.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::raw::*;
+use super::*;
+use crate::tls;
+
+/// Collects errors while walking the raw config.
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, path: String, value: &Option<String>, default: Duration) -> Duration {
+        self.opt_duration(path, value).unwrap_or(default)
+    }
+
+    fn opt_duration(&mut self, path: String, value: &Option<String>) -> Option<Duration> {
+        let text = value.as_deref()?;
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) if d.is_zero() => {
+                self.push(path, "must be longer than 0");
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.push(
+                    path,
+                    format!("invalid duration {text:?} ({e}); write e.g. 500ms, 2s, 1m"),
+                );
+                None
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, path: String, value: &str) -> Option<SocketAddr> {
+        match value.trim().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.push(
+                    path,
+                    format!("invalid address {value:?}: write IP:port, e.g. 0.0.0.0:8443"),
+                );
+                None
+            }
+        }
+    }
+
+    fn required<'a>(&mut self, path: String, value: &'a Option<String>) -> Option<&'a str> {
+        match value.as_deref().map(str::trim) {
+            Some(v) if !v.is_empty() => Some(v),
+            _ => {
+                self.push(path, "is required");
+                None
+            }
+        }
+    }
+
+    /// A file that must exist and hold PEM certificates.
+    fn cert_file(&mut self, path: String, value: &Option<String>) -> Option<PathBuf> {
+        let file = PathBuf::from(value.as_deref()?);
+        if let Err(e) = tls::load_certs(&file) {
+            self.push(path, e.to_string());
+        }
+        Some(file)
+    }
+
+    /// A file that must exist and hold a PEM private key.
+    fn key_file(&mut self, path: String, value: &Option<String>) -> Option<PathBuf> {
+        let file = PathBuf::from(value.as_deref()?);
+        if let Err(e) = tls::load_key(&file) {
+            self.push(path, e.to_string());
+        }
+        Some(file)
+    }
+
+    /// A cert/key pair: both or neither.
+    fn pair(
+        &mut self,
+        base: &str,
+        (cert_name, cert): (&str, &Option<String>),
+        (key_name, key): (&str, &Option<String>),
+    ) -> (Option<PathBuf>, Option<PathBuf>) {
+        match (cert, key) {
+            (Some(_), None) => self.push(
+                format!("{base}.{key_name}"),
+                format!("is required when {cert_name} is set"),
+            ),
+            (None, Some(_)) => self.push(
+                format!("{base}.{cert_name}"),
+                format!("is required when {key_name} is set"),
+            ),
+            _ => {}
+        }
+        (
+            self.cert_file(format!("{base}.{cert_name}"), cert),
+            self.key_file(format!("{base}.{key_name}"), key),
+        )
+    }
+}
+
+/// Checks a raw config; returns every problem found, not just the first.
+pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
+    let mut errs = Errors(Vec::new());
+
+    let admin_listen = raw
+        .admin
+        .as_ref()
+        .and_then(|a| a.listen.clone())
+        .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_string());
+    let admin_addr = errs.socket_addr("admin.listen".into(), &admin_listen);
+    let shutdown_grace = errs.duration(
+        "shutdown_grace".into(),
+        &raw.shutdown_grace,
+        DEFAULT_SHUTDOWN_GRACE,
+    );
+    if let Some(w) = raw.workers {
+        if w == 0 || w > MAX_WORKERS {
+            errs.push("workers", format!("must be between 1 and {MAX_WORKERS}"));
+        }
+    }
+
+    let pools: Vec<PoolConfig> = raw
+        .pools
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| pool(&mut errs, i, p))
+        .collect();
+    let mut pool_names = HashSet::new();
+    for (i, p) in raw.pools.iter().enumerate() {
+        if let Some(name) = p.name.as_deref() {
+            if !pool_names.insert(name) {
+                errs.push(
+                    format!("pools[{i}].name"),
+                    format!("duplicate pool name {name:?}"),
+                );
+            }
+        }
+    }
+
+    let mut frontends = Vec::new();
+    let mut fe_names = HashSet::new();
+    let mut fe_addrs: HashMap<SocketAddr, usize> = HashMap::new();
+    if let Some(a) = admin_addr {
+        if a.port() != 0 {
+            fe_addrs.insert(a, usize::MAX);
+        }
+    }
+    if raw.frontends.is_empty() {
+        errs.push("frontends", "at least one frontend is required");
+    }
+    for (i, f) in raw.frontends.iter().enumerate() {
+        let base = format!("frontends[{i}]");
+        let name = errs.required(format!("{base}.name"), &f.name);
+        if let Some(n) = name {
+            if !fe_names.insert(n) {
+                errs.push(
+                    format!("{base}.name"),
+                    format!("duplicate frontend name {n:?}"),
+                );
+            }
+        }
+        let listen = errs
+            .required(format!("{base}.listen"), &f.listen)
+            .and_then(|l| errs.socket_addr(format!("{base}.listen"), l));
+        if let Some(a) = listen {
+            // Port 0 asks the kernel for a free port: never a clash (tests use it).
+            if a.port() != 0 {
+                match fe_addrs.insert(a, i) {
+                    Some(usize::MAX) => errs.push(
+                        format!("{base}.listen"),
+                        format!("{a} is already used by admin.listen"),
+                    ),
+                    Some(j) => errs.push(
+                        format!("{base}.listen"),
+                        format!("{a} is already used by frontends[{j}]"),
+                    ),
+                    None => {}
+                }
+            }
+        }
+        let mode = match f.mode.as_deref().unwrap_or("tcp") {
+            "tcp" => Some(Mode::Tcp),
+            "http" => {
+                errs.push(
+                    format!("{base}.mode"),
+                    "mode http (L7) is not available in this version; use tcp",
+                );
+                None
+            }
+            other => {
+                errs.push(
+                    format!("{base}.mode"),
+                    format!("unknown mode {other:?}: expected tcp"),
+                );
+                None
+            }
+        };
+        if f.tls.is_some() {
+            errs.push(
+                format!("{base}.tls"),
+                "only http frontends terminate TLS; a tcp frontend passes it through",
+            );
+        }
+        let pool = errs.required(format!("{base}.pool"), &f.pool);
+        if let Some(p) = pool {
+            if !pool_names.contains(p) {
+                errs.push(format!("{base}.pool"), format!("no pool named {p:?}"));
+            }
+        }
+        let max_connections = f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            errs.push(format!("{base}.max_connections"), "must be at least 1");
+        }
+        let idle_timeout = errs.opt_duration(format!("{base}.idle_timeout"), &f.idle_timeout);
+        if let (Some(name), Some(listen), Some(mode), Some(pool)) = (name, listen, mode, pool) {
+            frontends.push(FrontendConfig {
+                name: name.to_string(),
+                listen,
+                mode,
+                pool: pool.to_string(),
+                max_connections,
+                idle_timeout,
+            });
+        }
+    }
+
+    if !errs.0.is_empty() {
+        return Err(ConfigError { errors: errs.0 });
+    }
+    Ok(Config {
+        source: None,
+        admin: AdminConfig {
+            listen: admin_addr.expect("checked above"),
+        },
+        shutdown_grace,
+        workers: raw.workers,
+        frontends,
+        pools,
+    })
+}
+
+fn pool(errs: &mut Errors, i: usize, p: &RawPool) -> Option<PoolConfig> {
+    let base = format!("pools[{i}]");
+    let name = errs.required(format!("{base}.name"), &p.name);
+    let balance = match p.balance.as_deref().unwrap_or("round-robin") {
+        "round-robin" | "roundrobin" => Some(Balance::RoundRobin),
+        "least-connections" | "leastconn" => Some(Balance::LeastConnections),
+        other => {
+            errs.push(
+                format!("{base}.balance"),
+                format!("unknown balance {other:?}: expected round-robin or least-connections"),
+            );
+            None
+        }
+    };
+    if p.servers.is_empty() {
+        errs.push(format!("{base}.servers"), "at least one server is required");
+    }
+    let mut servers = Vec::new();
+    let mut seen = HashSet::new();
+    for (j, s) in p.servers.iter().enumerate() {
+        let path = format!("{base}.servers[{j}]");
+        match server(s) {
+            Ok(sc) => {
+                if !seen.insert(sc.key.clone()) {
+                    errs.push(path, format!("duplicate server {:?} in this pool", sc.key));
+                } else {
+                    servers.push(sc);
+                }
+            }
+            Err(msg) => errs.push(path, msg),
+        }
+    }
+    let connect_timeout = errs.duration(
+        format!("{base}.connect_timeout"),
+        &p.connect_timeout,
+        DEFAULT_CONNECT_TIMEOUT,
+    );
+    let connect_attempts = p.connect_attempts.unwrap_or(DEFAULT_CONNECT_ATTEMPTS);
+    if !(1..=MAX_CONNECT_ATTEMPTS).contains(&connect_attempts) {
+        errs.push(
+            format!("{base}.connect_attempts"),
+            format!("must be between 1 and {MAX_CONNECT_ATTEMPTS}"),
+        );
+    }
+    let when_all_down = match p.when_all_down.as_deref().unwrap_or("try-all") {
+        "try-all" => Some(AllDownPolicy::TryAll),
+        "reject" => Some(AllDownPolicy::Reject),
+        other => {
+            errs.push(
+                format!("{base}.when_all_down"),
+                format!("unknown policy {other:?}: expected try-all or reject"),
+            );
+            None
+        }
+    };
+    let drain_timeout = errs.opt_duration(format!("{base}.drain_timeout"), &p.drain_timeout);
+    let tls = p.tls.as_ref().map(|t| {
+        let tb = format!("{base}.tls");
+        let ca_file = t
+            .ca_file
+            .as_ref()
+            .and_then(|_| errs.cert_file(format!("{tb}.ca_file"), &t.ca_file));
+        let (front_proxy_cert_file, front_proxy_key_file) = errs.pair(
+            &tb,
+            ("front_proxy_cert_file", &t.front_proxy_cert_file),
+            ("front_proxy_key_file", &t.front_proxy_key_file),
+        );
+        UpstreamTls {
+            ca_file,
+            server_name: t.server_name.clone(),
+            front_proxy_cert_file,
+            front_proxy_key_file,
+            insecure_skip_verify: t.insecure_skip_verify,
+        }
+    });
+    let health = health(errs, &base, p.health.as_ref());
+    Some(PoolConfig {
+        name: name?.to_string(),
+        balance: balance?,
+        servers,
+        connect_timeout,
+        connect_attempts,
+        when_all_down: when_all_down?,
+        drain_timeout,
+        tls,
+        health: health?,
+    })
+}
+
+fn health(errs: &mut Errors, pool_base: &str, h: Option<&RawHealth>) -> Option<HealthConfig> {
+    let base = format!("{pool_base}.health");
+    let empty = RawHealth {
+        check: None,
+        path: None,
+        interval: None,
+        timeout: None,
+        rise: None,
+        fall: None,
+        close_after_down: None,
+        tls: None,
+    };
+    let h = h.unwrap_or(&empty);
+    let check = match h.check.as_deref().unwrap_or("tcp") {
+        "tcp" => Some(CheckKind::Tcp),
+        "http" => Some(CheckKind::Http),
+        "https" => Some(CheckKind::Https),
+        "none" => Some(CheckKind::None),
+        other => {
+            errs.push(
+                format!("{base}.check"),
+                format!("unknown check {other:?}: expected tcp, http, https or none"),
+            );
+            None
+        }
+    };
+    let path = h
+        .path
+        .clone()
+        .unwrap_or_else(|| DEFAULT_HEALTH_PATH.to_string());
+    if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        errs.push(
+            format!("{base}.path"),
+            format!("invalid path {path:?}: must start with / and hold no spaces"),
+        );
+    }
+    let interval = errs.duration(
+        format!("{base}.interval"),
+        &h.interval,
+        DEFAULT_HEALTH_INTERVAL,
+    );
+    let timeout = errs.duration(
+        format!("{base}.timeout"),
+        &h.timeout,
+        DEFAULT_HEALTH_TIMEOUT,
+    );
+    if timeout >= interval {
+        errs.push(
+            format!("{base}.timeout"),
+            format!(
+                "must be shorter than interval ({} >= {})",
+                humantime::format_duration(timeout),
+                humantime::format_duration(interval)
+            ),
+        );
+    }
+    let rise = h.rise.unwrap_or(DEFAULT_HEALTH_RISE);
+    if rise < 1 {
+        errs.push(format!("{base}.rise"), "must be at least 1");
+    }
+    let fall = h.fall.unwrap_or(DEFAULT_HEALTH_FALL);
+    if fall < 1 {
+        errs.push(format!("{base}.fall"), "must be at least 1");
+    }
+    let close_after_down =
+        errs.opt_duration(format!("{base}.close_after_down"), &h.close_after_down);
+    let tls = match &h.tls {
+        None => ProbeTls::default(),
+        Some(t) => {
+            let tb = format!("{base}.tls");
+            if check != Some(CheckKind::Https) {
+                errs.push(tb.clone(), "only used with check: https");
+            }
+            let ca_file = t
+                .ca_file
+                .as_ref()
+                .and_then(|_| errs.cert_file(format!("{tb}.ca_file"), &t.ca_file));
+            if t.insecure_skip_verify && ca_file.is_some() {
+                errs.push(
+                    format!("{tb}.insecure_skip_verify"),
+                    "contradicts ca_file: set one or the other",
+                );
+            }
+            let (cert_file, key_file) =
+                errs.pair(&tb, ("cert_file", &t.cert_file), ("key_file", &t.key_file));
+            ProbeTls {
+                ca_file,
+                server_name: t.server_name.clone(),
+                cert_file,
+                key_file,
+                insecure_skip_verify: t.insecure_skip_verify,
+            }
+        }
+    };
+    if check == Some(CheckKind::Https) && tls.ca_file.is_none() && !tls.insecure_skip_verify {
+        errs.push(
+            format!("{base}.tls.ca_file"),
+            "is required for https checks (the cluster CA), or set insecure_skip_verify: true",
+        );
+    }
+    Some(HealthConfig {
+        check: check?,
+        path,
+        interval,
+        timeout,
+        rise,
+        fall,
+        close_after_down,
+        tls,
+    })
+}
+
+/// Parses `host:port`, `[v6]:port` or `https://host:port`, and resolves the host.
+pub(crate) fn server(text: &str) -> Result<ServerConfig, String> {
+    let t = text.trim();
+    let rest = t
+        .strip_prefix("https://")
+        .or_else(|| t.strip_prefix("http://"))
+        .unwrap_or(t);
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains('/') || rest.contains("://") {
+        return Err(format!(
+            "invalid server {text:?}: write host:port or https://host:port"
+        ));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, p) = v6
+            .split_once("]:")
+            .ok_or_else(|| format!("invalid server {text:?}: write [v6-address]:port"))?;
+        (h, p)
+    } else {
+        rest.rsplit_once(':')
+            .ok_or_else(|| format!("invalid server {text:?}: a port is required (host:port)"))?
+    };
+    if host.is_empty() {
+        return Err(format!("invalid server {text:?}: the host is empty"));
+    }
+    let port: u16 = match port.parse() {
+        Ok(p) if p != 0 => p,
+        _ => {
+            return Err(format!(
+                "invalid server {text:?}: port {port:?} is not 1-65535"
+            ))
+        }
+    };
+    let addr = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host:?} resolved to no address"))?;
+    let key = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    Ok(ServerConfig {
+        key,
+        host: host.to_string(),
+        port,
+        addr,
+    })
+}

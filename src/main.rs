@@ -1,0 +1,201 @@
+//! The `apilb` command: parses the command line, sets up logging and signals,
+//! and calls the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use apilb::config::{self, ConfigError};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+const DEFAULT_CONFIG: &str = "/etc/apilb/apilb.yaml";
+
+/// A load balancer for highly available Kubernetes control planes.
+///
+/// apilb runs on each control-plane node, spreads kubectl, kubelet and
+/// controller connections over the active/active kube-apiservers, drops a
+/// server the moment its /readyz fails, reloads its YAML config in place and
+/// is scraped by Prometheus.
+#[derive(Parser)]
+#[command(name = "apilb", version, about, long_about)]
+struct Cli {
+    /// Log format: text for people, json for log shippers.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// Log filter (error, warn, info, debug, or a tracing directive such as
+    /// `apilb=debug`); RUST_LOG overrides it. Closed connections log at debug.
+    #[arg(long, default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: listen on every frontend, probe backends, serve admin.
+    /// SIGHUP reloads the config; SIGTERM/SIGINT stop accepting and drain open
+    /// connections for up to shutdown_grace, then exit 0.
+    Run {
+        /// The YAML config file.
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate a config file: prints "ok: N frontends, M pools, K servers" and
+    /// exits 0, or prints every error with its field path and exits 78.
+    Check {
+        /// The YAML config file.
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Start three local fake kube-apiservers behind apilb on 127.0.0.1 and
+    /// print curl and kubectl commands to try; needs no file and no root.
+    /// Ctrl-C stops it.
+    Demo,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::new(v),
+        _ => tracing_subscriber::EnvFilter::try_new(level)
+            .with_context(|| format!("invalid --log-level {level:?}"))?,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+    Ok(())
+}
+
+fn print_config_errors(path: &Path, e: &ConfigError) {
+    for fe in &e.errors {
+        eprintln!("error: {fe}");
+    }
+    eprintln!(
+        "{}: {} error(s); nothing was started",
+        path.display(),
+        e.errors.len()
+    );
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.log_format, &cli.log_level) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
+    let r = match cli.command {
+        Command::Check { config } => return check(&config),
+        Command::Run { config } => run(&config),
+        Command::Demo => demo(),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(cfg) => {
+            println!("{}", cfg.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            print_config_errors(path, &e);
+            ExitCode::from(apilb::EXIT_CONFIG as u8)
+        }
+    }
+}
+
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(w) = workers {
+        b.worker_threads(w);
+    }
+    b.enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    let cfg = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            print_config_errors(path, &e);
+            return Ok(ExitCode::from(apilb::EXIT_CONFIG as u8));
+        }
+    };
+    let rt = runtime(cfg.workers)?;
+    rt.block_on(async move {
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "apilb starting");
+        let handle = apilb::start(cfg).await.context("cannot start")?;
+        let reloader = handle.reloader();
+        let shared = handle.shared().clone();
+        let signals = tokio::spawn(async move {
+            let mut stopping = false;
+            loop {
+                let stop = tokio::select! {
+                    _ = hup.recv() => false,
+                    _ = term.recv() => true,
+                    _ = int.recv() => true,
+                };
+                if !stop {
+                    info!("SIGHUP: reloading config");
+                    reloader.reload().await;
+                    continue;
+                }
+                if stopping {
+                    info!("second stop signal: closing every connection now");
+                    shared.hard_stop.cancel();
+                } else {
+                    info!("stop signal: draining");
+                    stopping = true;
+                    shared.shutdown.cancel();
+                }
+            }
+        });
+        handle.wait().await;
+        signals.abort();
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn demo() -> anyhow::Result<ExitCode> {
+    let rt = runtime(None)?;
+    rt.block_on(async {
+        let stop = async {
+            let mut term = match signal(SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        apilb::demo::run(stop).await.context("demo failed")?;
+        Ok(ExitCode::SUCCESS)
+    })
+}

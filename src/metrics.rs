@@ -1,0 +1,321 @@
+//! The Prometheus registry and every metric handle apilb records into.
+//!
+//! Labels are pool, server (as written in the config), frontend, direction and
+//! small fixed enums; never paths or client addresses. Per-backend and
+//! per-frontend handles are resolved once (`backend()`, `frontend()`) so the
+//! byte path touches a plain atomic, never a label lookup.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub const BACKEND_UP: &str = "apilb_backend_up";
+pub const BACKEND_ACTIVE: &str = "apilb_backend_active_connections";
+pub const BACKEND_CONNECTIONS: &str = "apilb_backend_connections_total";
+pub const BACKEND_CONNECT_FAILURES: &str = "apilb_backend_connect_failures_total";
+pub const BACKEND_BYTES: &str = "apilb_backend_bytes_total";
+pub const BACKEND_CONNECT_DURATION: &str = "apilb_backend_connect_duration_seconds";
+pub const HEALTH_CHECKS: &str = "apilb_health_checks_total";
+pub const HEALTH_CHECK_DURATION: &str = "apilb_health_check_duration_seconds";
+pub const POOL_UP_BACKENDS: &str = "apilb_pool_up_backends";
+pub const POOL_ALL_DOWN: &str = "apilb_pool_all_down";
+pub const FRONTEND_CONNECTIONS: &str = "apilb_frontend_connections_total";
+pub const FRONTEND_ACTIVE: &str = "apilb_frontend_active_connections";
+pub const FRONTEND_REJECTED: &str = "apilb_frontend_rejected_connections_total";
+pub const FRONTEND_MAX: &str = "apilb_frontend_max_connections";
+pub const CONFIG_RELOADS: &str = "apilb_config_reloads_total";
+pub const CONFIG_LAST_OK: &str = "apilb_config_last_reload_successful";
+pub const CONFIG_LAST_OK_TS: &str = "apilb_config_last_reload_success_timestamp_seconds";
+pub const BUILD_INFO: &str = "apilb_build_info";
+
+/// Why a client connection was closed without reaching a backend.
+pub mod reject {
+    pub const MAX_CONNECTIONS: &str = "max_connections";
+    pub const ALL_DOWN: &str = "all_down";
+    pub const CONNECT_FAILED: &str = "connect_failed";
+    pub const SHUTDOWN: &str = "shutting_down";
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// Held for writing while a reload adds and removes series, and for
+    /// reading while a scrape gathers: a scrape never sees half a reload.
+    pub series: std::sync::RwLock<()>,
+    backend_up: IntGaugeVec,
+    backend_active: IntGaugeVec,
+    backend_connections: IntCounterVec,
+    backend_connect_failures: IntCounterVec,
+    backend_bytes: IntCounterVec,
+    backend_connect_duration: HistogramVec,
+    health_checks: IntCounterVec,
+    health_check_duration: HistogramVec,
+    pool_up: IntGaugeVec,
+    pool_all_down: IntGaugeVec,
+    frontend_connections: IntCounterVec,
+    frontend_active: IntGaugeVec,
+    frontend_rejected: IntCounterVec,
+    frontend_max: IntGaugeVec,
+    pub reloads: IntCounterVec,
+    pub last_reload_ok: IntGauge,
+    pub last_reload_ts: Gauge,
+}
+
+/// Handles for one backend, resolved once.
+#[derive(Clone)]
+pub struct BackendMetrics {
+    pub up: IntGauge,
+    pub active: IntGauge,
+    pub connections: IntCounter,
+    pub connect_failures: IntCounter,
+    pub bytes_to_backend: IntCounter,
+    pub bytes_to_client: IntCounter,
+    pub connect_duration: Histogram,
+    pub checks_ok: IntCounter,
+    pub checks_failed: IntCounter,
+    pub check_duration: Histogram,
+}
+
+/// Handles for one frontend, resolved once.
+#[derive(Clone)]
+pub struct FrontendMetrics {
+    pub connections: IntCounter,
+    pub active: IntGauge,
+    pub max: IntGauge,
+    rejected: IntCounterVec,
+    name: String,
+}
+
+impl FrontendMetrics {
+    pub fn rejected(&self, reason: &str) {
+        self.rejected.with_label_values(&[&self.name, reason]).inc();
+    }
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let iv = |name: &str, help: &str, labels: &[&str]| {
+            reg(&r, IntGaugeVec::new(Opts::new(name, help), labels).unwrap())
+        };
+        let cv = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
+            )
+        };
+        let hv = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            reg(
+                &r,
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).unwrap(),
+            )
+        };
+        let latency = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        let ps = &["pool", "server"];
+        let m = Metrics {
+            backend_up: iv(
+                BACKEND_UP,
+                "1 if the backend is up (passing health checks), else 0",
+                ps,
+            ),
+            backend_active: iv(BACKEND_ACTIVE, "Client connections open to the backend", ps),
+            backend_connections: cv(
+                BACKEND_CONNECTIONS,
+                "Client connections established to the backend",
+                ps,
+            ),
+            backend_connect_failures: cv(
+                BACKEND_CONNECT_FAILURES,
+                "Connects to the backend that were refused or timed out",
+                ps,
+            ),
+            backend_bytes: cv(
+                BACKEND_BYTES,
+                "Bytes relayed, by direction (to_backend, to_client)",
+                &["pool", "server", "direction"],
+            ),
+            backend_connect_duration: hv(
+                BACKEND_CONNECT_DURATION,
+                "Time to establish a TCP connection to the backend",
+                ps,
+                latency.clone(),
+            ),
+            health_checks: cv(
+                HEALTH_CHECKS,
+                "Health probes by result (success, failure)",
+                &["pool", "server", "result"],
+            ),
+            health_check_duration: hv(
+                HEALTH_CHECK_DURATION,
+                "Time a health probe took",
+                ps,
+                latency,
+            ),
+            pool_up: iv(
+                POOL_UP_BACKENDS,
+                "Backends of the pool that are up",
+                &["pool"],
+            ),
+            pool_all_down: iv(
+                POOL_ALL_DOWN,
+                "1 while no backend of the pool is up (when_all_down applies)",
+                &["pool"],
+            ),
+            frontend_connections: cv(
+                FRONTEND_CONNECTIONS,
+                "Client connections accepted",
+                &["frontend"],
+            ),
+            frontend_active: iv(FRONTEND_ACTIVE, "Client connections open", &["frontend"]),
+            frontend_rejected: cv(
+                FRONTEND_REJECTED,
+                "Client connections closed without reaching a backend, by reason",
+                &["frontend", "reason"],
+            ),
+            frontend_max: iv(
+                FRONTEND_MAX,
+                "The frontend's max_connections",
+                &["frontend"],
+            ),
+            reloads: cv(
+                CONFIG_RELOADS,
+                "Config reloads by result (success, failure)",
+                &["result"],
+            ),
+            last_reload_ok: reg(
+                &r,
+                IntGauge::new(CONFIG_LAST_OK, "1 if the last config reload succeeded").unwrap(),
+            ),
+            last_reload_ts: reg(
+                &r,
+                Gauge::new(
+                    CONFIG_LAST_OK_TS,
+                    "Unix time of the last successful config load",
+                )
+                .unwrap(),
+            ),
+            registry: r,
+            series: std::sync::RwLock::new(()),
+        };
+        let build = reg(
+            &m.registry,
+            IntGaugeVec::new(
+                Opts::new(BUILD_INFO, "Build information; always 1"),
+                &["version"],
+            )
+            .unwrap(),
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process collector registers once");
+        m
+    }
+
+    pub fn backend(&self, pool: &str, server: &str) -> BackendMetrics {
+        let l = &[pool, server];
+        BackendMetrics {
+            up: self.backend_up.with_label_values(l),
+            active: self.backend_active.with_label_values(l),
+            connections: self.backend_connections.with_label_values(l),
+            connect_failures: self.backend_connect_failures.with_label_values(l),
+            bytes_to_backend: self
+                .backend_bytes
+                .with_label_values(&[pool, server, "to_backend"]),
+            bytes_to_client: self
+                .backend_bytes
+                .with_label_values(&[pool, server, "to_client"]),
+            connect_duration: self.backend_connect_duration.with_label_values(l),
+            checks_ok: self
+                .health_checks
+                .with_label_values(&[pool, server, "success"]),
+            checks_failed: self
+                .health_checks
+                .with_label_values(&[pool, server, "failure"]),
+            check_duration: self.health_check_duration.with_label_values(l),
+        }
+    }
+
+    /// Drops a removed backend's series so dashboards don't show ghosts.
+    pub fn remove_backend(&self, pool: &str, server: &str) {
+        let l = &[pool, server];
+        let _ = self.backend_up.remove_label_values(l);
+        let _ = self.backend_active.remove_label_values(l);
+        let _ = self.backend_connections.remove_label_values(l);
+        let _ = self.backend_connect_failures.remove_label_values(l);
+        let _ = self.backend_connect_duration.remove_label_values(l);
+        let _ = self.health_check_duration.remove_label_values(l);
+        for d in ["to_backend", "to_client"] {
+            let _ = self.backend_bytes.remove_label_values(&[pool, server, d]);
+        }
+        for r in ["success", "failure"] {
+            let _ = self.health_checks.remove_label_values(&[pool, server, r]);
+        }
+    }
+
+    pub fn pool_gauges(&self, pool: &str) -> (IntGauge, IntGauge) {
+        (
+            self.pool_up.with_label_values(&[pool]),
+            self.pool_all_down.with_label_values(&[pool]),
+        )
+    }
+
+    pub fn remove_pool(&self, pool: &str) {
+        let _ = self.pool_up.remove_label_values(&[pool]);
+        let _ = self.pool_all_down.remove_label_values(&[pool]);
+    }
+
+    pub fn frontend(&self, name: &str) -> FrontendMetrics {
+        FrontendMetrics {
+            connections: self.frontend_connections.with_label_values(&[name]),
+            active: self.frontend_active.with_label_values(&[name]),
+            max: self.frontend_max.with_label_values(&[name]),
+            rejected: self.frontend_rejected.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    pub fn remove_frontend(&self, name: &str) {
+        let _ = self.frontend_connections.remove_label_values(&[name]);
+        let _ = self.frontend_active.remove_label_values(&[name]);
+        let _ = self.frontend_max.remove_label_values(&[name]);
+        for r in [
+            reject::MAX_CONNECTIONS,
+            reject::ALL_DOWN,
+            reject::CONNECT_FAILED,
+            reject::SHUTDOWN,
+        ] {
+            let _ = self.frontend_rejected.remove_label_values(&[name, r]);
+        }
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let families = {
+            let _consistent = self.series.read().unwrap_or_else(|p| p.into_inner());
+            self.registry.gather()
+        };
+        TextEncoder::new()
+            .encode(&families, &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        out
+    }
+}

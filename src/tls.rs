@@ -1,0 +1,246 @@
+//! Building rustls client and server configs from PEM files or PEM text.
+
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM certificate found")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: no PEM private key found")]
+    NoKey { path: PathBuf },
+    #[error("{path}: invalid PEM: {source}")]
+    Pem {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Rustls {
+        what: &'static str,
+        source: rustls::Error,
+    },
+    #[error("invalid TLS server name {0:?}")]
+    ServerName(String),
+}
+
+/// The crypto provider apilb uses everywhere (ring: no C toolchain beyond cc).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads every certificate from a PEM file; at least one must be there.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    certs_from_pem(&read(path)?, path)
+}
+
+/// Reads the first private key (PKCS#8, PKCS#1 or SEC1) from a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    key_from_pem(&read(path)?, path)
+}
+
+pub fn certs_from_pem(pem: &[u8], origin: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = rustls_pemfile::certs(&mut BufReader::new(pem))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            path: origin.to_path_buf(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: origin.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+pub fn key_from_pem(pem: &[u8], origin: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    rustls_pemfile::private_key(&mut BufReader::new(pem))
+        .map_err(|source| TlsError::Pem {
+            path: origin.to_path_buf(),
+            source,
+        })?
+        .ok_or_else(|| TlsError::NoKey {
+            path: origin.to_path_buf(),
+        })
+}
+
+fn roots(certs: Vec<CertificateDer<'static>>) -> Result<RootCertStore, TlsError> {
+    let mut store = RootCertStore::empty();
+    for c in certs {
+        store.add(c).map_err(|source| TlsError::Rustls {
+            what: "CA certificate",
+            source,
+        })?;
+    }
+    Ok(store)
+}
+
+/// Material for a TLS client: whom to trust and which certificate to present.
+pub struct ClientMaterial {
+    /// `None` with `insecure_skip_verify` false is not allowed (config checks it).
+    pub ca: Option<Vec<CertificateDer<'static>>>,
+    pub identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    pub insecure_skip_verify: bool,
+    pub alpn: Vec<Vec<u8>>,
+}
+
+impl ClientMaterial {
+    /// Reads the files named; errors name the file.
+    pub fn from_files(
+        ca_file: Option<&Path>,
+        cert_file: Option<&Path>,
+        key_file: Option<&Path>,
+        insecure_skip_verify: bool,
+    ) -> Result<Self, TlsError> {
+        let ca = ca_file.map(load_certs).transpose()?;
+        let identity = match (cert_file, key_file) {
+            (Some(c), Some(k)) => Some((load_certs(c)?, load_key(k)?)),
+            _ => None,
+        };
+        Ok(ClientMaterial {
+            ca,
+            identity,
+            insecure_skip_verify,
+            alpn: Vec::new(),
+        })
+    }
+
+    pub fn build(self) -> Result<Arc<ClientConfig>, TlsError> {
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|source| TlsError::Rustls {
+                what: "protocol versions",
+                source,
+            })?;
+        let builder = if self.insecure_skip_verify {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+        } else {
+            builder.with_root_certificates(roots(self.ca.unwrap_or_default())?)
+        };
+        let mut cfg = match self.identity {
+            Some((certs, key)) => builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|source| TlsError::Rustls {
+                    what: "client certificate",
+                    source,
+                })?,
+            None => builder.with_no_client_auth(),
+        };
+        cfg.alpn_protocols = self.alpn;
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// A server config from PEM text; with `client_ca`, client certificates are required.
+pub fn server_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: Option<&[u8]>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let origin = Path::new("<memory>");
+    let certs = certs_from_pem(cert_pem, origin)?;
+    let key = key_from_pem(key_pem, origin)?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Rustls {
+            what: "protocol versions",
+            source,
+        })?;
+    let builder = match client_ca_pem {
+        Some(ca) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(certs_from_pem(ca, origin)?)?),
+                provider(),
+            )
+            .build()
+            .map_err(|e| TlsError::Rustls {
+                what: "client CA",
+                source: rustls::Error::General(e.to_string()),
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder
+        .with_single_cert(certs, key)
+        .map_err(|source| TlsError::Rustls {
+            what: "server certificate",
+            source,
+        })?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// The name to verify: a DNS name, or an IP address (IP SANs work).
+pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(name.to_string()).map_err(|_| TlsError::ServerName(name.to_string()))
+}
+
+/// `insecure_skip_verify: true`: accepts any server certificate, still checks signatures.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
