@@ -297,7 +297,9 @@ async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(
                 };
             }
             Ok(httparse::Status::Partial) => continue,
-            Err(httparse::Error::TooManyHeaders) => return Err("response has too many headers".into()),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err("response has too many headers".into())
+            }
             Err(e) => return Err(format!("not an HTTP response: {e}")),
         }
     }
@@ -485,6 +487,9 @@ mod tests {
             }
         });
         let r = http_get(a, req).await.unwrap_err();
-        assert!(r.contains("too many headers") || r.contains("larger than"), "{r}");
+        assert!(
+            r.contains("too many headers") || r.contains("larger than"),
+            "{r}"
+        );
     }
 }

@@ -22,10 +22,23 @@ fn every_file_in_config_passes_check() {
         n += 1;
         let cfg = apilb::config::load(&path).unwrap_or_else(|e| panic!("{}:\n{e}", path.display()));
         assert!(!cfg.frontends.is_empty());
-        let out = Command::new(apilb_bin()).arg("check").arg("-c").arg(&path).output().unwrap();
-        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(apilb_bin())
+            .arg("check")
+            .arg("-c")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(stdout.starts_with("ok: 1 frontends, 1 pools, 3 servers"), "{stdout}");
+        assert!(
+            stdout.starts_with("ok: 1 frontends, 1 pools, 3 servers"),
+            "{stdout}"
+        );
     }
     assert!(n >= 2, "config/apilb.yaml and config/etcd.yaml at least");
 }
@@ -113,7 +126,10 @@ fn invalid_configs_fail_naming_the_field() {
             Ok(_) => panic!("case {i} was accepted:\n{yaml}"),
             Err(e) => {
                 let text = e.to_string();
-                assert!(text.contains(field), "case {i}: error does not name {field:?}:\n{text}\n--- yaml:\n{yaml}");
+                assert!(
+                    text.contains(field),
+                    "case {i}: error does not name {field:?}:\n{text}\n--- yaml:\n{yaml}"
+                );
             }
         }
     }
@@ -124,7 +140,12 @@ fn every_error_is_reported_not_just_the_first() {
     let yaml = "frontends:\n  - name: f\n    listen: bad\n    pool: nope\npools:\n  - name: p\n    servers: []\n    health:\n      rise: 0\n";
     let e = apilb::config::parse(yaml).unwrap_err();
     let paths: Vec<_> = e.errors.iter().map(|f| f.path.as_str()).collect();
-    for want in ["frontends[0].listen", "frontends[0].pool", "pools[0].servers", "pools[0].health.rise"] {
+    for want in [
+        "frontends[0].listen",
+        "frontends[0].pool",
+        "pools[0].servers",
+        "pools[0].health.rise",
+    ] {
         assert!(paths.contains(&want), "{want} missing from {paths:?}");
     }
 }
@@ -133,13 +154,28 @@ fn every_error_is_reported_not_just_the_first() {
 fn check_and_run_refuse_a_bad_file_with_exit_78() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("bad.yaml");
-    std::fs::write(&path, format!("{GOOD_FE}{GOOD_POOL}    health:\n      rise: 0\n      fall: 0\n")).unwrap();
+    std::fs::write(
+        &path,
+        format!("{GOOD_FE}{GOOD_POOL}    health:\n      rise: 0\n      fall: 0\n"),
+    )
+    .unwrap();
     for cmd in ["check", "run"] {
-        let out = Command::new(apilb_bin()).arg(cmd).arg("-c").arg(&path).output().unwrap();
+        let out = Command::new(apilb_bin())
+            .arg(cmd)
+            .arg("-c")
+            .arg(&path)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(78), "{cmd}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("pools[0].health.rise: must be at least 1"), "{cmd}: {err}");
-        assert!(err.contains("pools[0].health.fall: must be at least 1"), "{cmd}: {err}");
+        assert!(
+            err.contains("pools[0].health.rise: must be at least 1"),
+            "{cmd}: {err}"
+        );
+        assert!(
+            err.contains("pools[0].health.fall: must be at least 1"),
+            "{cmd}: {err}"
+        );
     }
 }
 
@@ -151,7 +187,10 @@ fn a_missing_config_names_its_path() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/apilb.yaml") && err.contains("cannot read config"), "{err}");
+    assert!(
+        err.contains("/nonexistent/apilb.yaml") && err.contains("cannot read config"),
+        "{err}"
+    );
 }
 
 #[test]

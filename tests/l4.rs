@@ -12,7 +12,11 @@ use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn round_robin_300_connections_land_100_each() {
-    let b = [EchoBackend::start("a").await, EchoBackend::start("b").await, EchoBackend::start("c").await];
+    let b = [
+        EchoBackend::start("a").await,
+        EchoBackend::start("b").await,
+        EchoBackend::start("c").await,
+    ];
     let addrs: Vec<_> = b.iter().map(|x| x.addr).collect();
     let h = start_yaml(&l4_yaml(&addrs, "    health:\n      check: none\n")).await;
     let mut counts: HashMap<String, usize> = HashMap::new();
@@ -24,16 +28,27 @@ async fn round_robin_300_connections_land_100_each() {
     assert_eq!(counts.get("a"), Some(&100), "{counts:?}");
     assert_eq!(counts.get("b"), Some(&100), "{counts:?}");
     assert_eq!(counts.get("c"), Some(&100), "{counts:?}");
-    assert_eq!([b[0].accepted(), b[1].accepted(), b[2].accepted()], [100, 100, 100]);
+    assert_eq!(
+        [b[0].accepted(), b[1].accepted(), b[2].accepted()],
+        [100, 100, 100]
+    );
     h.shutdown();
     h.wait().await;
 }
 
 #[tokio::test]
 async fn least_connections_sends_to_fewest_open() {
-    let b = [EchoBackend::start("a").await, EchoBackend::start("b").await, EchoBackend::start("c").await];
+    let b = [
+        EchoBackend::start("a").await,
+        EchoBackend::start("b").await,
+        EchoBackend::start("c").await,
+    ];
     let addrs: Vec<_> = b.iter().map(|x| x.addr).collect();
-    let h = start_yaml(&l4_yaml(&addrs, "    balance: least-connections\n    health:\n      check: none\n")).await;
+    let h = start_yaml(&l4_yaml(
+        &addrs,
+        "    balance: least-connections\n    health:\n      check: none\n",
+    ))
+    .await;
     // Three connections held open land on three different servers.
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -47,14 +62,20 @@ async fn least_connections_sends_to_fewest_open() {
     let idx_c = held.iter().position(|(_, n)| n == "c").unwrap();
     let (s, _) = held.remove(idx_c);
     drop(s);
-    wait_for("c's connection to close", Duration::from_secs(5), || async {
-        (b[2].open.load(std::sync::atomic::Ordering::Relaxed) == 0).then_some(())
-    })
+    wait_for(
+        "c's connection to close",
+        Duration::from_secs(5),
+        || async { (b[2].open.load(std::sync::atomic::Ordering::Relaxed) == 0).then_some(()) },
+    )
     .await;
-    wait_for("apilb to count c's close", Duration::from_secs(5), || async {
-        let snap = h.shared().snapshot.load();
-        (snap.pools["p"].backends[2].active() == 0).then_some(())
-    })
+    wait_for(
+        "apilb to count c's close",
+        Duration::from_secs(5),
+        || async {
+            let snap = h.shared().snapshot.load();
+            (snap.pools["p"].backends[2].active() == 0).then_some(())
+        },
+    )
     .await;
     let (_s2, name) = echo_connect(fe(&h)).await.unwrap();
     assert_eq!(name, "c");
@@ -65,7 +86,11 @@ async fn least_connections_sends_to_fewest_open() {
     }
     let mut names: Vec<_> = extra.iter().map(|(_, n)| n.clone()).collect();
     names.sort();
-    assert_eq!(names, ["a", "b", "c"], "each round of ties covers all three");
+    assert_eq!(
+        names,
+        ["a", "b", "c"],
+        "each round of ties covers all three"
+    );
     h.shutdown();
     h.wait().await;
 }
@@ -75,7 +100,11 @@ async fn closed_port_200_connections_all_succeed() {
     let a = EchoBackend::start("a").await;
     let c = EchoBackend::start("c").await;
     let dead = closed_port().await;
-    let h = start_yaml(&l4_yaml(&[a.addr, dead, c.addr], "    health:\n      check: tcp\n      interval: 30s\n      timeout: 1s\n")).await;
+    let h = start_yaml(&l4_yaml(
+        &[a.addr, dead, c.addr],
+        "    health:\n      check: tcp\n      interval: 30s\n      timeout: 1s\n",
+    ))
+    .await;
     for i in 0..200 {
         let (mut s, name) = echo_connect(fe(&h))
             .await
@@ -84,10 +113,17 @@ async fn closed_port_200_connections_all_succeed() {
         echo_roundtrip(&mut s, "ping").await.unwrap();
     }
     let (_, body) = admin_get(h.admin_addr().unwrap(), "/metrics").await;
-    let fails = metric(&body, &format!("apilb_backend_connect_failures_total{{pool=\"p\",server=\"{dead}\"}}")).unwrap();
+    let fails = metric(
+        &body,
+        &format!("apilb_backend_connect_failures_total{{pool=\"p\",server=\"{dead}\"}}"),
+    )
+    .unwrap();
     assert!(fails >= 1.0, "the dead server was tried and counted");
     // Passive health took it down (fall 3 by default) so it is no longer tried.
-    assert!(fails <= 5.0, "passive health stops retrying a dead server: {fails}");
+    assert!(
+        fails <= 5.0,
+        "passive health stops retrying a dead server: {fails}"
+    );
     h.shutdown();
     h.wait().await;
 }
@@ -100,13 +136,17 @@ async fn mtls_passes_through_and_backend_sees_client_cn() {
     let fake = apilb::demo::FakeApiserver::start(opts).await.unwrap();
     let h = start_yaml(&l4_yaml(&[fake.addr()], "    health:\n      check: tcp\n")).await;
     let alice = pki.ca.client("alice", Some("dev")).unwrap();
-    let r = https_get(fe(&h), "/whoami", pki.client_config(Some(&alice))).await.unwrap();
+    let r = https_get(fe(&h), "/whoami", pki.client_config(Some(&alice)))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(v["client_cn"], "alice");
     assert_eq!(fake.last_client_cn().as_deref(), Some("alice"));
     // Without a certificate the backend's own TLS refuses: nothing in between.
-    assert!(https_get(fe(&h), "/whoami", pki.client_config(None)).await.is_err());
+    assert!(https_get(fe(&h), "/whoami", pki.client_config(None))
+        .await
+        .is_err());
     h.shutdown();
     h.wait().await;
 }
@@ -179,7 +219,11 @@ async fn bulk_256_mib_each_way_is_byte_identical() {
     assert_eq!(backend_got, CHUNKS * 64 * 1024);
     assert_eq!(got, CHUNKS * 64 * 1024);
     assert_eq!(backend_hash, sent_hash, "client -> backend bytes differ");
-    assert_eq!(hr.finalize().to_vec(), backend_sent_hash, "backend -> client bytes differ");
+    assert_eq!(
+        hr.finalize().to_vec(),
+        backend_sent_hash,
+        "backend -> client bytes differ"
+    );
     h.shutdown();
     h.wait().await;
 }
@@ -218,7 +262,8 @@ async fn half_closed_client_still_receives_whole_response() {
 #[tokio::test]
 async fn max_connections_closes_the_extra_one_and_keeps_the_rest() {
     let a = EchoBackend::start("a").await;
-    let yaml = l4_yaml(&[a.addr], "    health:\n      check: none\n").replace("    pool: p\n", "    pool: p\n    max_connections: 5\n");
+    let yaml = l4_yaml(&[a.addr], "    health:\n      check: none\n")
+        .replace("    pool: p\n", "    pool: p\n    max_connections: 5\n");
     let h = start_yaml(&yaml).await;
     let mut open = Vec::new();
     for _ in 0..5 {
@@ -227,22 +272,38 @@ async fn max_connections_closes_the_extra_one_and_keeps_the_rest() {
     // The sixth is closed at once without reaching the backend.
     let mut extra = TcpStream::connect(fe(&h)).await.unwrap();
     let mut b = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut b)).await.unwrap();
-    assert!(matches!(n, Ok(0) | Err(_)), "the extra connection must be closed, got {n:?}");
+    let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut b))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "the extra connection must be closed, got {n:?}"
+    );
     assert_eq!(a.accepted(), 5);
     for s in &mut open {
         echo_roundtrip(s, "still here").await.unwrap();
     }
     let (_, body) = admin_get(h.admin_addr().unwrap(), "/metrics").await;
     assert_eq!(
-        metric(&body, "apilb_frontend_rejected_connections_total{frontend=\"fe\",reason=\"max_connections\"}"),
+        metric(
+            &body,
+            "apilb_frontend_rejected_connections_total{frontend=\"fe\",reason=\"max_connections\"}"
+        ),
         Some(1.0)
     );
-    assert_eq!(metric(&body, "apilb_frontend_active_connections{frontend=\"fe\"}"), Some(5.0));
+    assert_eq!(
+        metric(&body, "apilb_frontend_active_connections{frontend=\"fe\"}"),
+        Some(5.0)
+    );
     // A slot frees when one closes.
     drop(open.pop());
     wait_for("a slot to free", Duration::from_secs(5), || async {
-        (h.shared().snapshot.load().frontends["fe"].stats.active.load(std::sync::atomic::Ordering::Relaxed) == 4).then_some(())
+        (h.shared().snapshot.load().frontends["fe"]
+            .stats
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 4)
+            .then_some(())
     })
     .await;
     let (mut s, _) = echo_connect(fe(&h)).await.unwrap();
@@ -255,8 +316,16 @@ async fn max_connections_closes_the_extra_one_and_keeps_the_rest() {
 async fn garbage_passes_through_and_nothing_breaks() {
     let pki = Pki::new();
     let fakes = pki.fakes(1).await;
-    let h = start_yaml(&l4_yaml(&[fakes[0].addr()], "    health:\n      check: tcp\n")).await;
-    for junk in [&b"\x00\xff\x16\x03garbage-not-tls\r\n\r\n"[..], b"GET / HTTP/1.1\r\n\r\n", &[0x16u8; 100_000][..]] {
+    let h = start_yaml(&l4_yaml(
+        &[fakes[0].addr()],
+        "    health:\n      check: tcp\n",
+    ))
+    .await;
+    for junk in [
+        &b"\x00\xff\x16\x03garbage-not-tls\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\n\r\n",
+        &[0x16u8; 100_000][..],
+    ] {
         let mut s = TcpStream::connect(fe(&h)).await.unwrap();
         let _ = s.write_all(junk).await;
         let mut sink = Vec::new();
@@ -264,7 +333,9 @@ async fn garbage_passes_through_and_nothing_breaks() {
         let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
         assert!(r.is_ok(), "the connection must end, not hang");
     }
-    let r = https_get(fe(&h), "/version", pki.client_config(None)).await.unwrap();
+    let r = https_get(fe(&h), "/version", pki.client_config(None))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "apilb still serves after garbage");
     h.shutdown();
     h.wait().await;
@@ -296,20 +367,32 @@ async fn a_hung_backend_holds_only_its_own_clients() {
             Err(_) => hung += 1,
         }
     }
-    assert_eq!((ok, hung), (20, 10), "round-robin: a third hang, the rest are served");
+    assert_eq!(
+        (ok, hung),
+        (20, 10),
+        "round-robin: a third hang, the rest are served"
+    );
     h.shutdown();
     h.wait().await;
 }
 
 #[tokio::test]
 async fn kubectl_get_raw_version_through_apilb() {
-    let Some(kubectl) = require_tool("kubectl") else { return };
+    let Some(kubectl) = require_tool("kubectl") else {
+        return;
+    };
     let pki = Pki::new();
     let fakes = pki.fakes(3).await;
     let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
     let h = start_yaml(&l4_yaml(&addrs, "    health:\n      check: tcp\n")).await;
     let kc = pki.dir.path().join("kubeconfig");
-    apilb::demo::write_kubeconfig(&kc, &format!("https://{}", fe(&h)), &pki.ca_file, "test-token").unwrap();
+    apilb::demo::write_kubeconfig(
+        &kc,
+        &format!("https://{}", fe(&h)),
+        &pki.ca_file,
+        "test-token",
+    )
+    .unwrap();
     let out = tokio::process::Command::new(kubectl)
         .arg("--kubeconfig")
         .arg(&kc)
@@ -317,7 +400,11 @@ async fn kubectl_get_raw_version_through_apilb() {
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "kubectl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kubectl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["gitVersion"], apilb::demo::fake::FAKE_GIT_VERSION);
     h.shutdown();

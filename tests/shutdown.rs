@@ -59,7 +59,8 @@ async fn sigterm_drains_within_grace_and_exits_zero() {
     let cfg = tmp.path().join("apilb.yaml");
     std::fs::write(
         &cfg,
-        l4_yaml(&[backend], "    health:\n      check: none\n").replace("shutdown_grace: 2s", "shutdown_grace: 3s"),
+        l4_yaml(&[backend], "    health:\n      check: none\n")
+            .replace("shutdown_grace: 2s", "shutdown_grace: 3s"),
     )
     .unwrap();
     let mut d = Daemon::start(&cfg);
@@ -86,8 +87,14 @@ async fn sigterm_drains_within_grace_and_exits_zero() {
     .await;
 
     let (short_lines, short_end) = short_task.await.unwrap();
-    assert_eq!(short_lines, 19, "the short stream finished whole (first line read before)");
-    assert!(short_end.duration_since(sent) < Duration::from_secs(3), "it finished inside the grace");
+    assert_eq!(
+        short_lines, 19,
+        "the short stream finished whole (first line read before)"
+    );
+    assert!(
+        short_end.duration_since(sent) < Duration::from_secs(3),
+        "it finished inside the grace"
+    );
 
     let (_, long_end) = long_task.await.unwrap();
     let cut = long_end.duration_since(sent);
@@ -96,7 +103,15 @@ async fn sigterm_drains_within_grace_and_exits_zero() {
         "the endless stream is closed at the grace deadline (3 s), was {cut:?}"
     );
     assert_eq!(d.wait_exit(Duration::from_secs(10)).await, Some(0));
-    assert!(d.find("shutdown grace is over; closing the connections still open", None).is_some(), "{}", d.logs());
+    assert!(
+        d.find(
+            "shutdown grace is over; closing the connections still open",
+            None
+        )
+        .is_some(),
+        "{}",
+        d.logs()
+    );
 }
 
 #[tokio::test]
@@ -104,11 +119,19 @@ async fn sigterm_with_nothing_open_exits_at_once() {
     let backend = streaming_backend().await;
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("apilb.yaml");
-    std::fs::write(&cfg, l4_yaml(&[backend], "    health:\n      check: none\n").replace("shutdown_grace: 2s", "shutdown_grace: 30s")).unwrap();
+    std::fs::write(
+        &cfg,
+        l4_yaml(&[backend], "    health:\n      check: none\n")
+            .replace("shutdown_grace: 2s", "shutdown_grace: 30s"),
+    )
+    .unwrap();
     let mut d = Daemon::start(&cfg);
     d.frontend_addr("fe").await;
     let t = Instant::now();
     d.signal(libc::SIGINT);
     assert_eq!(d.wait_exit(Duration::from_secs(10)).await, Some(0));
-    assert!(t.elapsed() < Duration::from_secs(5), "no open connection: no wait for the 30 s grace");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "no open connection: no wait for the 30 s grace"
+    );
 }

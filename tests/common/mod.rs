@@ -68,9 +68,16 @@ impl Pki {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::new("apilb-test-ca").unwrap();
         let ca_file = ca.write(dir.path(), "ca").unwrap();
-        let serving = ca.server(&["127.0.0.1", "localhost", "kubernetes"]).unwrap();
+        let serving = ca
+            .server(&["127.0.0.1", "localhost", "kubernetes"])
+            .unwrap();
         serving.write(dir.path(), "server").unwrap();
-        Pki { ca, serving, dir, ca_file }
+        Pki {
+            ca,
+            serving,
+            dir,
+            ca_file,
+        }
     }
 
     pub fn fake_options(&self, name: &str) -> FakeOptions {
@@ -88,7 +95,11 @@ impl Pki {
     pub async fn fakes(&self, n: usize) -> Vec<FakeApiserver> {
         let mut v = Vec::new();
         for i in 1..=n {
-            v.push(FakeApiserver::start(self.fake_options(&format!("api-{i}"))).await.unwrap());
+            v.push(
+                FakeApiserver::start(self.fake_options(&format!("api-{i}")))
+                    .await
+                    .unwrap(),
+            );
         }
         v
     }
@@ -120,22 +131,32 @@ pub struct Resp {
 }
 
 /// GET over a fresh TLS connection (no pooling: every call is a new connection).
-pub async fn https_get(addr: SocketAddr, path: &str, tls: Arc<rustls::ClientConfig>) -> Result<Resp, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+pub async fn https_get(
+    addr: SocketAddr,
+    path: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Resp, String> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let name = rustls::pki_types::ServerName::try_from("kubernetes").unwrap();
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await
         .map_err(|e| format!("tls: {e}"))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(conn);
     let req = hyper::Request::get(path)
         .header("host", "kubernetes")
         .body(Empty::<Bytes>::new())
         .unwrap();
-    let resp = send.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
     let status = resp.status().as_u16();
     let server = resp
         .headers()
@@ -147,7 +168,11 @@ pub async fn https_get(addr: SocketAddr, path: &str, tls: Arc<rustls::ClientConf
         .await
         .map_err(|e| format!("body: {e}"))?
         .to_bytes();
-    Ok(Resp { status, server, body })
+    Ok(Resp {
+        status,
+        server,
+        body,
+    })
 }
 
 /// Plain HTTP GET to the admin server; returns (status, body).
@@ -157,14 +182,19 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 pub async fn admin_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     let text = String::from_utf8_lossy(&out).to_string();
     let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -198,7 +228,12 @@ impl EchoBackend {
         let addr = listener.local_addr().unwrap();
         let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let stop = CancellationToken::new();
-        let (a, o, st, n) = (accepted.clone(), open.clone(), stop.clone(), name.to_string());
+        let (a, o, st, n) = (
+            accepted.clone(),
+            open.clone(),
+            stop.clone(),
+            name.to_string(),
+        );
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = tokio::select! {
@@ -298,7 +333,8 @@ pub fn l4_yaml(addrs: &[SocketAddr], pool_extra: &str) -> String {
 
 /// Starts apilb in-process from YAML text.
 pub async fn start_yaml(yaml: &str) -> apilb::Handle {
-    let cfg = apilb::config::parse(yaml).unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{yaml}"));
+    let cfg =
+        apilb::config::parse(yaml).unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{yaml}"));
     apilb::start(cfg).await.unwrap()
 }
 
@@ -373,15 +409,19 @@ impl Daemon {
 
     /// Waits for a log line and returns it.
     pub async fn wait_log(&self, msg: &str, field: Option<(&str, &str)>) -> serde_json::Value {
-        wait_for(&format!("log line {msg:?} {field:?}"), Duration::from_secs(20), || async {
-            self.find(msg, field)
-        })
+        wait_for(
+            &format!("log line {msg:?} {field:?}"),
+            Duration::from_secs(20),
+            || async { self.find(msg, field) },
+        )
         .await
     }
 
     /// The address a frontend is listening on, from its log line.
     pub async fn frontend_addr(&self, name: &str) -> SocketAddr {
-        let v = self.wait_log("frontend listening", Some(("frontend", name))).await;
+        let v = self
+            .wait_log("frontend listening", Some(("frontend", name)))
+            .await;
         v["addr"].as_str().unwrap().parse().unwrap()
     }
 
@@ -407,4 +447,62 @@ impl Daemon {
     pub fn logs(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
+}
+
+/// Opens a streaming GET (a watch) over a fresh TLS connection; returns the
+/// serving fake's name and the body to read frames from.
+pub async fn https_stream(
+    addr: SocketAddr,
+    path: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(Option<String>, hyper::body::Incoming), String> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let name = rustls::pki_types::ServerName::try_from("kubernetes").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", "kubernetes")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let server = resp
+        .headers()
+        .get("x-fake-server")
+        .map(|v| v.to_str().unwrap().to_string());
+    Ok((server, resp.into_body()))
+}
+
+/// The next data frame of a streaming body within `deadline`: `Some(bytes)`,
+/// or `None` when the stream ended or failed.
+pub async fn next_frame(body: &mut hyper::body::Incoming, deadline: Duration) -> Option<Bytes> {
+    loop {
+        let f = tokio::time::timeout(deadline, body.frame())
+            .await
+            .expect("no frame and no end within the deadline");
+        match f {
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    return Some(d);
+                }
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Whether backend `i` of pool `p` is up in an in-process apilb.
+pub fn backend_up(h: &apilb::Handle, pool: &str, i: usize) -> bool {
+    h.shared().snapshot.load().pools[pool].backends[i].is_healthy()
 }
