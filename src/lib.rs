@@ -24,7 +24,7 @@ pub mod reload;
 pub mod runtime;
 pub mod tls;
 
-pub use runtime::{start, Handle};
+pub use runtime::{start, start_with, Handle, Options};
 
 /// Exit code for configuration errors (sysexits.h EX_CONFIG).
 pub const EXIT_CONFIG: i32 = 78;

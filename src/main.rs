@@ -41,6 +41,9 @@ enum Command {
         /// The YAML config file.
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Do not watch the config file; reload only on SIGHUP.
+        #[arg(long)]
+        no_watch: bool,
     },
     /// Validate a config file: prints "ok: N frontends, M pools, K servers" and
     /// exits 0, or prints every error with its field path and exits 78.
@@ -100,7 +103,7 @@ fn main() -> ExitCode {
     }
     let r = match cli.command {
         Command::Check { config } => return check(&config),
-        Command::Run { config } => run(&config),
+        Command::Run { config, no_watch } => run(&config, !no_watch),
         Command::Demo => demo(),
     };
     match r {
@@ -136,7 +139,7 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn run(path: &Path) -> anyhow::Result<ExitCode> {
+fn run(path: &Path, watch_config: bool) -> anyhow::Result<ExitCode> {
     let cfg = match config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -150,7 +153,9 @@ fn run(path: &Path) -> anyhow::Result<ExitCode> {
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
         info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "apilb starting");
-        let handle = apilb::start(cfg).await.context("cannot start")?;
+        let handle = apilb::start_with(cfg, apilb::Options { watch_config })
+            .await
+            .context("cannot start")?;
         let reloader = handle.reloader();
         let shared = handle.shared().clone();
         let signals = tokio::spawn(async move {

@@ -228,16 +228,35 @@ impl Reloader {
     }
 }
 
+/// How an instance is started.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Watch the config file and reload when its content changes. When off,
+    /// only SIGHUP (or `Handle::reload`) reloads.
+    pub watch_config: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { watch_config: true }
+    }
+}
+
+/// Starts apilb with a checked config and default options.
+pub async fn start(config: Config) -> Result<Handle, ReloadError> {
+    start_with(config, Options::default()).await
+}
+
 /// Starts apilb with a checked config: binds every listener (an error here
 /// means nothing was started), starts probes and, when the config came from a
 /// file, watches that file for changes.
-pub async fn start(config: Config) -> Result<Handle, ReloadError> {
+pub async fn start_with(config: Config, options: Options) -> Result<Handle, ReloadError> {
     let shared = Arc::new(Shared::new());
     let mut reconciler = Reconciler::new(shared.clone());
     let source = config.source.clone();
     reconciler.apply(config, None).await?;
     let (tx, rx) = mpsc::channel(16);
-    if let Some(path) = &source {
+    if let Some(path) = source.as_ref().filter(|_| options.watch_config) {
         reload::watch_file(path.clone(), tx.clone(), shared.shutdown.clone());
     }
     let task = tokio::spawn(control(shared.clone(), reconciler, rx, source));

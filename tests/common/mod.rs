@@ -362,9 +362,15 @@ pub fn apilb_bin() -> &'static str {
 
 impl Daemon {
     pub fn start(config: &Path) -> Self {
+        Self::start_args(config, &[])
+    }
+
+    /// Starts `apilb run -c CONFIG EXTRA...`.
+    pub fn start_args(config: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(apilb_bin())
             .args(["--log-format", "json", "--log-level", "debug", "run", "-c"])
             .arg(config)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -505,4 +511,27 @@ pub async fn next_frame(body: &mut hyper::body::Incoming, deadline: Duration) ->
 /// Whether backend `i` of pool `p` is up in an in-process apilb.
 pub fn backend_up(h: &apilb::Handle, pool: &str, i: usize) -> bool {
     h.shared().snapshot.load().pools[pool].backends[i].is_healthy()
+}
+
+/// Replaces a file atomically (write beside, then rename), as editors and
+/// config-management tools do.
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Successful and failed reloads counted so far by an in-process apilb.
+pub fn reloads(h: &apilb::Handle) -> (u64, u64) {
+    let m = &h.shared().metrics;
+    (
+        m.reloads.with_label_values(&["success"]).get(),
+        m.reloads.with_label_values(&["failure"]).get(),
+    )
+}
+
+/// Starts apilb in-process from a config file (so the file is watched).
+pub async fn start_file(path: &Path) -> apilb::Handle {
+    let cfg = apilb::config::load(path).unwrap_or_else(|e| panic!("{e}"));
+    apilb::start(cfg).await.unwrap()
 }
