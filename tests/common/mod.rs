@@ -181,21 +181,31 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 pub async fn admin_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    try_http(addr, method, path)
+        .await
+        .unwrap_or_else(|e| panic!("{method} http://{addr}{path}: {e}"))
+}
+
+/// A plain HTTP/1.1 request with `Connection: close`; `Err` if it cannot connect.
+pub async fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
     s.write_all(
-        format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
-    .await
-    .unwrap();
+    .await?;
     let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
+    s.read_to_end(&mut out).await?;
     let text = String::from_utf8_lossy(&out).to_string();
-    let status = text[9..12].parse().unwrap();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }
 
 /// The value of one sample in Prometheus text (exact name and label set).
