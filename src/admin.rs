@@ -135,7 +135,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "name": &*f.name,
                 "listen": f.config.listen.to_string(),
                 "bound": f.bound.to_string(),
-                "mode": match f.config.mode { Mode::Tcp => "tcp" },
+                "mode": match f.config.mode { Mode::Tcp => "tcp", Mode::Http => "http" },
                 "pool": f.config.pool,
                 "active_connections": f.stats.active.load(Relaxed),
                 "max_connections": f.config.max_connections,

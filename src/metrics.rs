@@ -28,6 +28,24 @@ pub const CONFIG_RELOADS: &str = "apilb_config_reloads_total";
 pub const CONFIG_LAST_OK: &str = "apilb_config_last_reload_successful";
 pub const CONFIG_LAST_OK_TS: &str = "apilb_config_last_reload_success_timestamp_seconds";
 pub const BUILD_INFO: &str = "apilb_build_info";
+pub const HTTP_REQUESTS: &str = "apilb_http_requests_total";
+pub const HTTP_REQUEST_DURATION: &str = "apilb_http_request_duration_seconds";
+pub const HTTP_ACTIVE_STREAMS: &str = "apilb_http_active_streams";
+
+/// Method label values: anything else is counted as `OTHER`, so a client
+/// cannot create series at will.
+pub const HTTP_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "OTHER",
+];
+
+/// The bounded method label of a request.
+pub fn method_label(m: &http::Method) -> &'static str {
+    HTTP_METHODS
+        .iter()
+        .find(|k| **k == m.as_str())
+        .copied()
+        .unwrap_or("OTHER")
+}
 
 /// Why a client connection was closed without reaching a backend.
 pub mod reject {
@@ -35,6 +53,10 @@ pub mod reject {
     pub const ALL_DOWN: &str = "all_down";
     pub const CONNECT_FAILED: &str = "connect_failed";
     pub const SHUTDOWN: &str = "shutting_down";
+    /// L7: the TLS handshake failed or did not finish within header_timeout.
+    pub const TLS_HANDSHAKE: &str = "tls_handshake";
+    /// L7: a malformed or smuggling-shaped HTTP/1 request (answered 400/431).
+    pub const BAD_REQUEST: &str = "bad_request";
 }
 
 pub struct Metrics {
@@ -56,6 +78,9 @@ pub struct Metrics {
     frontend_active: IntGaugeVec,
     frontend_rejected: IntCounterVec,
     frontend_max: IntGaugeVec,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    http_active: IntGaugeVec,
     pub reloads: IntCounterVec,
     pub last_reload_ok: IntGauge,
     pub last_reload_ts: Gauge,
@@ -191,6 +216,25 @@ impl Metrics {
                 "The frontend's max_connections",
                 &["frontend"],
             ),
+            http_requests: cv(
+                HTTP_REQUESTS,
+                "L7 requests answered, by backend, method and status code",
+                &["frontend", "pool", "server", "method", "code"],
+            ),
+            http_duration: hv(
+                HTTP_REQUEST_DURATION,
+                "L7 request duration until the response ends (long-running requests excluded)",
+                &["frontend", "method"],
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0,
+                ],
+            ),
+            http_active: iv(
+                HTTP_ACTIVE_STREAMS,
+                "L7 requests in flight (streams open)",
+                &["frontend"],
+            ),
             reloads: cv(
                 CONFIG_RELOADS,
                 "Config reloads by result (success, failure)",
@@ -268,6 +312,48 @@ impl Metrics {
         for r in ["success", "failure"] {
             let _ = self.health_checks.remove_label_values(&[pool, server, r]);
         }
+        self.remove_http_backend(pool, server);
+    }
+
+    /// Removes every `apilb_http_requests_total` series of one backend: the
+    /// method and code labels are bounded, so all combinations are tried.
+    fn remove_http_backend(&self, pool: &str, server: &str) {
+        let frontends: Vec<String> = {
+            let fams = prometheus::core::Collector::collect(&self.http_requests);
+            let mut names: Vec<String> = fams
+                .iter()
+                .flat_map(|f| f.get_metric().iter())
+                .filter_map(|m| {
+                    let l = m.get_label();
+                    let has = |k: &str, v: &str| l.iter().any(|p| p.name() == k && p.value() == v);
+                    if has("pool", pool) && has("server", server) {
+                        l.iter()
+                            .find(|p| p.name() == "frontend")
+                            .map(|p| p.value().to_string())
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+        };
+        for fe in &frontends {
+            for m in HTTP_METHODS {
+                for code in 100..600u16 {
+                    let c = code.to_string();
+                    let _ = self
+                        .http_requests
+                        .remove_label_values(&[fe, pool, server, m, &c]);
+                }
+            }
+        }
+    }
+
+    /// The in-flight gauge of an L7 frontend.
+    pub fn http_active(&self, frontend: &str) -> IntGauge {
+        self.http_active.with_label_values(&[frontend])
     }
 
     pub fn pool_gauges(&self, pool: &str) -> (IntGauge, IntGauge) {
@@ -293,6 +379,10 @@ impl Metrics {
     }
 
     pub fn remove_frontend(&self, name: &str) {
+        let _ = self.http_active.remove_label_values(&[name]);
+        for m in HTTP_METHODS {
+            let _ = self.http_duration.remove_label_values(&[name, m]);
+        }
         let _ = self.frontend_connections.remove_label_values(&[name]);
         let _ = self.frontend_active.remove_label_values(&[name]);
         let _ = self.frontend_max.remove_label_values(&[name]);
@@ -301,6 +391,8 @@ impl Metrics {
             reject::ALL_DOWN,
             reject::CONNECT_FAILED,
             reject::SHUTDOWN,
+            reject::TLS_HANDSHAKE,
+            reject::BAD_REQUEST,
         ] {
             let _ = self.frontend_rejected.remove_label_values(&[name, r]);
         }

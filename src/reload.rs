@@ -37,6 +37,11 @@ pub enum ReloadError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{field}: {source}")]
+    Tls {
+        field: String,
+        source: crate::tls::TlsError,
+    },
     #[error("no config file to reload (started from an in-memory config)")]
     NoSource,
     #[error("apilb is stopping")]
@@ -231,8 +236,45 @@ impl Reconciler {
             None
         };
 
+        // TLS material of L7 frontends and their pools, read fresh each reload.
+        let mut upstreams: HashMap<String, Arc<crate::proxy::upstream::Upstream>> = HashMap::new();
+        let mut http_rts: HashMap<String, Arc<crate::proxy::http::HttpRuntime>> = HashMap::new();
+        for (i, fe) in cfg.frontends.iter().enumerate() {
+            let Some(settings) = &fe.http else { continue };
+            let pc = cfg.pool(&fe.pool).expect("validated");
+            let up = match upstreams.get(&fe.pool) {
+                Some(u) => u.clone(),
+                None => {
+                    let pi = cfg
+                        .pools
+                        .iter()
+                        .position(|p| p.name == fe.pool)
+                        .unwrap_or(0);
+                    let u =
+                        Arc::new(crate::proxy::upstream::Upstream::new(pc).map_err(|source| {
+                            ReloadError::Tls {
+                                field: format!("pools[{pi}].tls"),
+                                source,
+                            }
+                        })?);
+                    upstreams.insert(fe.pool.clone(), u.clone());
+                    u
+                }
+            };
+            let rt = crate::proxy::http::HttpRuntime::new(settings, up).map_err(|source| {
+                ReloadError::Tls {
+                    field: format!("frontends[{i}].tls"),
+                    source,
+                }
+            })?;
+            http_rts.insert(fe.name.clone(), Arc::new(rt));
+        }
+
         // Phase 2: build the next snapshot beside the live one.
         let old = self.shared.snapshot.load_full();
+        if self.started && old.config.workers != cfg.workers {
+            warn!("workers changed; the runtime keeps its threads until the next restart");
+        }
         let metrics = &self.shared.metrics;
         let series = metrics.series.write().unwrap_or_else(|p| p.into_inner());
         let mut removed: Vec<Arc<Backend>> = Vec::new();
@@ -314,6 +356,7 @@ impl Reconciler {
                     pool: pools[fe.pool.as_str()].clone(),
                     bound,
                     stats,
+                    http: http_rts.remove(&fe.name),
                 }),
             );
         }
@@ -367,7 +410,8 @@ impl Reconciler {
             let stop = shutdown.child_token();
             let name_cell = Arc::new(ArcSwap::from_pointee(name.clone()));
             let listener = TcpListener::from_std(b.listener).expect("inside the runtime");
-            info!(frontend = %name, addr = %b.bound, mode = "tcp", pool = %fe.config.pool, "frontend listening");
+            let mode = if fe.http.is_some() { "http" } else { "tcp" };
+            info!(frontend = %name, addr = %b.bound, mode, pool = %fe.config.pool, "frontend listening");
             tokio::spawn(proxy::tcp::serve(
                 listener,
                 name_cell.clone(),
@@ -396,7 +440,9 @@ impl Reconciler {
             keep
         });
         if let Some(b) = new_admin {
-            let stop = shutdown.child_token();
+            // Not a child of `shutdown`: /readyz must answer 503 and /metrics
+            // stay scrapeable while connections drain; `stop_admin` ends it.
+            let stop = CancellationToken::new();
             let listener = TcpListener::from_std(b.listener).expect("inside the runtime");
             info!(addr = %b.bound, "admin listening");
             tokio::spawn(admin::serve(listener, self.shared.clone(), stop.clone()));

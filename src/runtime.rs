@@ -57,6 +57,8 @@ pub struct Frontend {
     /// Where it really listens (port 0 resolved).
     pub bound: SocketAddr,
     pub stats: Arc<FrontendStats>,
+    /// `mode: http` only: TLS acceptor and upstream connections.
+    pub http: Option<Arc<crate::proxy::http::HttpRuntime>>,
 }
 
 /// Per-frontend counters that outlive reloads (keyed by frontend name).

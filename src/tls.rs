@@ -150,30 +150,76 @@ impl ClientMaterial {
     }
 }
 
-/// A server config from PEM text; with `client_ca`, client certificates are required.
+/// How a TLS server treats client certificates.
+pub enum ClientAuth<'a> {
+    /// Never asks for one.
+    None,
+    /// Requires one signed by this CA (PEM).
+    Required(&'a [u8]),
+    /// Asks for one; a presented certificate must verify against this CA
+    /// (PEM), but a client may also present none (bearer tokens).
+    Optional(&'a [u8]),
+}
+
+/// A server config from PEM text.
 pub fn server_config(
     cert_pem: &[u8],
     key_pem: &[u8],
-    client_ca_pem: Option<&[u8]>,
+    client_auth: ClientAuth<'_>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let origin = Path::new("<memory>");
-    let certs = certs_from_pem(cert_pem, origin)?;
-    let key = key_from_pem(key_pem, origin)?;
+    server_config_from(
+        certs_from_pem(cert_pem, origin)?,
+        key_from_pem(key_pem, origin)?,
+        client_auth,
+        alpn,
+    )
+}
+
+/// A server config from PEM files (L7 frontends; re-read on every reload).
+pub fn server_config_files(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca_file: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let ca = client_ca_file.map(read).transpose()?;
+    let auth = match &ca {
+        Some(pem) => ClientAuth::Optional(pem),
+        None => ClientAuth::None,
+    };
+    server_config_from(load_certs(cert_file)?, load_key(key_file)?, auth, alpn)
+}
+
+fn server_config_from(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_auth: ClientAuth<'_>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let origin = Path::new("<memory>");
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|source| TlsError::Rustls {
             what: "protocol versions",
             source,
         })?;
-    let builder = match client_ca_pem {
+    let (ca, optional) = match client_auth {
+        ClientAuth::None => (None, false),
+        ClientAuth::Required(ca) => (Some(ca), false),
+        ClientAuth::Optional(ca) => (Some(ca), true),
+    };
+    let builder = match ca {
         Some(ca) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            let mut vb = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots(certs_from_pem(ca, origin)?)?),
                 provider(),
-            )
-            .build()
-            .map_err(|e| TlsError::Rustls {
+            );
+            if optional {
+                vb = vb.allow_unauthenticated();
+            }
+            let verifier = vb.build().map_err(|e| TlsError::Rustls {
                 what: "client CA",
                 source: rustls::Error::General(e.to_string()),
             })?;

@@ -105,7 +105,7 @@ fn invalid_cases(tmp: &std::path::Path) -> Vec<(String, &'static str)> {
         ),
         (format!("{GOOD_FE}{GOOD_POOL}    health:\n      rize: 2\n"), "unknown field `rize`"),
         (format!("{GOOD_FE}{GOOD_POOL}    health:\n      path: readyz\n"), "pools[0].health.path"),
-        (format!("{GOOD_POOL}"), "frontends"),
+        (GOOD_POOL.to_string(), "frontends"),
         (String::new(), "config is empty"),
         ("frontends: [\n".to_string(), "invalid YAML"),
         (format!("admin:\n  listen: 'nope'\n{GOOD_FE}{GOOD_POOL}"), "admin.listen"),

@@ -172,14 +172,14 @@ async fn close_after_down_cuts_connections_to_a_hung_backend() {
     // apilb closes the client's stream although the fake still sends.
     fakes[0].set_hang(true);
     let t = Instant::now();
-    loop {
-        match next_frame(&mut body, Duration::from_secs(10)).await {
-            Some(_) => assert!(
-                t.elapsed() < Duration::from_secs(8),
-                "stream was never closed"
-            ),
-            None => break,
-        }
+    while next_frame(&mut body, Duration::from_secs(10))
+        .await
+        .is_some()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "stream was never closed"
+        );
     }
     let took = t.elapsed();
     let min = Duration::from_millis(FALL * INTERVAL_MS - INTERVAL_MS) + Duration::from_secs(1);

@@ -133,6 +133,7 @@ async fn mtls_passes_through_and_backend_sees_client_cn() {
     let pki = Pki::new();
     let mut opts = pki.fake_options("api-1");
     opts.client_ca_pem = Some(pki.ca.cert_pem.clone());
+    opts.require_client_cert = true;
     let fake = apilb::demo::FakeApiserver::start(opts).await.unwrap();
     let h = start_yaml(&l4_yaml(&[fake.addr()], "    health:\n      check: tcp\n")).await;
     let alice = pki.ca.client("alice", Some("dev")).unwrap();

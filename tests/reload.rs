@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 
 /// A two-frontend-capable config: `fe` (and optionally `fe2`) over `servers`.
 fn cfg(servers: &[SocketAddr], balance: &str, extra_frontend: Option<&str>) -> String {
-    let mut y = format!(
-        "admin:\n  listen: 127.0.0.1:0\nshutdown_grace: 2s\nfrontends:\n  - name: fe\n    listen: 127.0.0.1:0\n    pool: p\n"
+    let mut y = String::from(
+        "admin:\n  listen: 127.0.0.1:0\nshutdown_grace: 2s\nfrontends:\n  - name: fe\n    listen: 127.0.0.1:0\n    pool: p\n",
     );
     if let Some(listen) = extra_frontend {
         y.push_str(&format!(

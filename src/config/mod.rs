@@ -30,6 +30,15 @@ pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_HEALTH_RISE: u32 = 2;
 pub const DEFAULT_HEALTH_FALL: u32 = 3;
+/// L7: time allowed for a response to a request that is not long-running
+/// (watch, logs -f, exec, attach, port-forward and proxy have none).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// L7: a client must send its request headers (and finish TLS) within this.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// L7: total request header size; OIDC bearer tokens run to several KiB.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// L7: concurrent HTTP/2 streams per client connection (the apiserver's own default).
+pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 250;
 /// Upper bound on `connect_attempts`; more only delays the client's own retry.
 pub const MAX_CONNECT_ATTEMPTS: u32 = 16;
 /// Upper bound on `workers`.
@@ -74,6 +83,8 @@ pub struct AdminConfig {
 pub enum Mode {
     /// Bytes pass through untouched; TLS stays end to end.
     Tcp,
+    /// TLS ends at apilb; every HTTP request is balanced on its own.
+    Http,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +97,22 @@ pub struct FrontendConfig {
     /// Close a connection after this long with no byte either way; off by default
     /// because watches and `logs -f` sit idle for minutes.
     pub idle_timeout: Option<Duration>,
+    /// `mode: http` only.
+    pub http: Option<HttpFrontend>,
+}
+
+/// Settings of an L7 (`mode: http`) frontend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpFrontend {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Verify client certificates against this CA; verified clients are sent
+    /// upstream with front-proxy identity headers.
+    pub client_ca_file: Option<PathBuf>,
+    pub request_timeout: Duration,
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub http2_max_concurrent_streams: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

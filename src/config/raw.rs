@@ -37,6 +37,10 @@ pub struct RawFrontend {
     pub max_connections: Option<usize>,
     pub idle_timeout: Option<String>,
     pub tls: Option<RawFrontendTls>,
+    pub request_timeout: Option<String>,
+    pub header_timeout: Option<String>,
+    pub max_header_bytes: Option<usize>,
+    pub http2_max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

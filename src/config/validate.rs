@@ -190,31 +190,58 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         }
         let mode = match f.mode.as_deref().unwrap_or("tcp") {
             "tcp" => Some(Mode::Tcp),
-            "http" => {
-                errs.push(
-                    format!("{base}.mode"),
-                    "mode http (L7) is not available in this version; use tcp",
-                );
-                None
-            }
+            "http" => Some(Mode::Http),
             other => {
                 errs.push(
                     format!("{base}.mode"),
-                    format!("unknown mode {other:?}: expected tcp"),
+                    format!("unknown mode {other:?}: expected tcp or http"),
                 );
                 None
             }
         };
-        if f.tls.is_some() {
-            errs.push(
-                format!("{base}.tls"),
-                "only http frontends terminate TLS; a tcp frontend passes it through",
-            );
-        }
+        let http = match mode {
+            Some(Mode::Http) => http_frontend(&mut errs, &base, f),
+            _ => {
+                if f.tls.is_some() {
+                    errs.push(
+                        format!("{base}.tls"),
+                        "only http frontends terminate TLS; a tcp frontend passes it through",
+                    );
+                }
+                for (key, set) in [
+                    ("request_timeout", f.request_timeout.is_some()),
+                    ("header_timeout", f.header_timeout.is_some()),
+                    ("max_header_bytes", f.max_header_bytes.is_some()),
+                    (
+                        "http2_max_concurrent_streams",
+                        f.http2_max_concurrent_streams.is_some(),
+                    ),
+                ] {
+                    if set {
+                        errs.push(format!("{base}.{key}"), "only used with mode: http");
+                    }
+                }
+                None
+            }
+        };
         let pool = errs.required(format!("{base}.pool"), &f.pool);
         if let Some(p) = pool {
             if !pool_names.contains(p) {
                 errs.push(format!("{base}.pool"), format!("no pool named {p:?}"));
+            } else if mode == Some(Mode::Http) {
+                let pi = raw
+                    .pools
+                    .iter()
+                    .position(|rp| rp.name.as_deref() == Some(p));
+                if let Some(pi) = pi {
+                    let t = raw.pools[pi].tls.as_ref();
+                    if !t.is_some_and(|t| t.ca_file.is_some() || t.insecure_skip_verify) {
+                        errs.push(
+                            format!("pools[{pi}].tls.ca_file"),
+                            format!("is required: http frontend {:?} sends requests to this pool over TLS (or set insecure_skip_verify: true)", name.unwrap_or("")),
+                        );
+                    }
+                }
             }
         }
         let max_connections = f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
@@ -230,6 +257,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
                 pool: pool.to_string(),
                 max_connections,
                 idle_timeout,
+                http,
             });
         }
     }
@@ -324,6 +352,14 @@ fn pool(errs: &mut Errors, i: usize, p: &RawPool) -> Option<PoolConfig> {
             insecure_skip_verify: t.insecure_skip_verify,
         }
     });
+    if let Some(t) = &p.tls {
+        if t.insecure_skip_verify && t.ca_file.is_some() {
+            errs.push(
+                format!("{base}.tls.insecure_skip_verify"),
+                "contradicts ca_file: set one or the other",
+            );
+        }
+    }
     let health = health(errs, &base, p.health.as_ref());
     Some(PoolConfig {
         name: name?.to_string(),
@@ -335,6 +371,64 @@ fn pool(errs: &mut Errors, i: usize, p: &RawPool) -> Option<PoolConfig> {
         drain_timeout,
         tls,
         health: health?,
+    })
+}
+
+fn http_frontend(errs: &mut Errors, base: &str, f: &RawFrontend) -> Option<HttpFrontend> {
+    let request_timeout = errs.duration(
+        format!("{base}.request_timeout"),
+        &f.request_timeout,
+        DEFAULT_REQUEST_TIMEOUT,
+    );
+    let header_timeout = errs.duration(
+        format!("{base}.header_timeout"),
+        &f.header_timeout,
+        DEFAULT_HEADER_TIMEOUT,
+    );
+    let max_header_bytes = f.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+    if !(1024..=1024 * 1024).contains(&max_header_bytes) {
+        errs.push(
+            format!("{base}.max_header_bytes"),
+            "must be between 1024 and 1048576",
+        );
+    }
+    let streams = f
+        .http2_max_concurrent_streams
+        .unwrap_or(DEFAULT_HTTP2_MAX_STREAMS);
+    if !(1..=10_000).contains(&streams) {
+        errs.push(
+            format!("{base}.http2_max_concurrent_streams"),
+            "must be between 1 and 10000",
+        );
+    }
+    let Some(t) = &f.tls else {
+        errs.push(
+            format!("{base}.tls"),
+            "is required for mode: http (cert_file and key_file)",
+        );
+        return None;
+    };
+    let tb = format!("{base}.tls");
+    let cert = errs
+        .required(format!("{tb}.cert_file"), &t.cert_file)
+        .map(|_| ());
+    let key = errs
+        .required(format!("{tb}.key_file"), &t.key_file)
+        .map(|_| ());
+    let cert_file = cert.and_then(|_| errs.cert_file(format!("{tb}.cert_file"), &t.cert_file));
+    let key_file = key.and_then(|_| errs.key_file(format!("{tb}.key_file"), &t.key_file));
+    let client_ca_file = t
+        .client_ca_file
+        .as_ref()
+        .and_then(|_| errs.cert_file(format!("{tb}.client_ca_file"), &t.client_ca_file));
+    Some(HttpFrontend {
+        cert_file: cert_file?,
+        key_file: key_file?,
+        client_ca_file,
+        request_timeout,
+        header_timeout,
+        max_header_bytes,
+        http2_max_concurrent_streams: streams,
     })
 }
 

@@ -30,8 +30,10 @@ pub struct FakeOptions {
     pub name: String,
     pub cert_pem: String,
     pub key_pem: String,
-    /// Require and verify client certificates against this CA.
+    /// Verify client certificates against this CA.
     pub client_ca_pem: Option<String>,
+    /// With `client_ca_pem`: require a certificate (else one is optional).
+    pub require_client_cert: bool,
     /// Time between watch events.
     pub watch_interval: Duration,
     /// Events before a watch ends; `None` streams until the client leaves.
@@ -79,10 +81,15 @@ impl FakeApiserver {
 
     /// Starts on a given address (used to bring a killed fake back on its port).
     pub async fn start_on(opts: FakeOptions, addr: SocketAddr) -> Result<Self, FakeError> {
+        let auth = match (&opts.client_ca_pem, opts.require_client_cert) {
+            (Some(ca), true) => tls::ClientAuth::Required(ca.as_bytes()),
+            (Some(ca), false) => tls::ClientAuth::Optional(ca.as_bytes()),
+            (None, _) => tls::ClientAuth::None,
+        };
         let tls_cfg = tls::server_config(
             opts.cert_pem.as_bytes(),
             opts.key_pem.as_bytes(),
-            opts.client_ca_pem.as_deref().map(str::as_bytes),
+            auth,
             &[b"h2", b"http/1.1"],
         )?;
         let listener = TcpListener::bind(addr).await?;
@@ -235,7 +242,7 @@ fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>, server: 
 }
 
 async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     state: &FakeState,
     opts: &FakeOptions,
     stop: &CancellationToken,
@@ -279,12 +286,33 @@ async fn handle(
             .to_string(),
             name,
         ),
-        "/whoami" => full(
-            StatusCode::OK,
-            JSON,
-            serde_json::json!({ "server": name, "client_cn": cn }).to_string(),
-            name,
-        ),
+        "/whoami" => {
+            let mut headers = serde_json::Map::new();
+            for k in req.headers().keys() {
+                let vals: Vec<_> = req
+                    .headers()
+                    .get_all(k)
+                    .iter()
+                    .map(|v| {
+                        serde_json::Value::from(String::from_utf8_lossy(v.as_bytes()).to_string())
+                    })
+                    .collect();
+                headers.insert(k.as_str().to_string(), vals.into());
+            }
+            full(
+                StatusCode::OK,
+                JSON,
+                serde_json::json!({
+                    "server": name,
+                    "client_cn": cn,
+                    "version": format!("{:?}", req.version()),
+                    "headers": headers,
+                })
+                .to_string(),
+                name,
+            )
+        }
+        _ if req.headers().contains_key(hyper::header::UPGRADE) => upgrade_echo(&mut req, name),
         p if query
             .split('&')
             .any(|kv| kv == "watch=true" || kv == "watch=1")
@@ -299,6 +327,69 @@ async fn handle(
             name,
         ),
     }
+}
+
+/// Accepts an upgrade (SPDY/3.1 for exec, WebSocket) with 101 and echoes
+/// every byte on the upgraded connection, as an exec session of `cat` would.
+fn upgrade_echo(req: &mut Request<Incoming>, server: &str) -> Resp {
+    let proto = req.headers()[hyper::header::UPGRADE].clone();
+    let key = req.headers().get("sec-websocket-key").cloned();
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(up) = on.await {
+            let mut io = TokioIo::new(up);
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut io, &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tokio::io::AsyncWriteExt::write_all(&mut io, &buf[..n])
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let mut b = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "Upgrade")
+        .header("upgrade", proto)
+        .header("x-fake-server", server);
+    if let Some(k) = key {
+        b = b.header("sec-websocket-accept", websocket_accept(k.as_bytes()));
+    }
+    b.body(Full::new(Bytes::new()).boxed())
+        .expect("valid response")
+}
+
+/// RFC 6455's Sec-WebSocket-Accept: base64(SHA-1(key + GUID)).
+fn websocket_accept(key: &[u8]) -> String {
+    use sha1::Digest;
+    let mut h = sha1::Sha1::new();
+    h.update(key);
+    h.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64_encode(&h.finalize())
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// A chunked stream of ADDED events, one per `watch_interval`.
@@ -357,5 +448,16 @@ impl Body for ChannelBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.0.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn websocket_accept_matches_rfc_6455_example() {
+        assert_eq!(
+            super::websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 }

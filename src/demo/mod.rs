@@ -54,6 +54,7 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), DemoError> {
                 cert_pem: serving.cert_pem.clone(),
                 key_pem: serving.key_pem.clone(),
                 client_ca_pem: None,
+                require_client_cert: false,
                 watch_interval: Duration::from_secs(1),
                 watch_events: None,
             })

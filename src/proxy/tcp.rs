@@ -91,9 +91,19 @@ pub async fn serve(
         let span = info_span!("conn", frontend = %fe.name, client.addr = %peer, backend.addr = field::Empty);
         let hard_stop = shared.hard_stop.clone();
         let sh = shared.clone();
-        shared
-            .connections
-            .spawn(handle(sh, fe, sock, peer, guard, hard_stop).instrument(span));
+        if fe.http.is_some() {
+            shared.connections.spawn(
+                async move {
+                    let _guard = guard;
+                    super::http::serve_conn(sh, fe, sock, peer, hard_stop).await
+                }
+                .instrument(span),
+            );
+        } else {
+            shared
+                .connections
+                .spawn(handle(sh, fe, sock, peer, guard, hard_stop).instrument(span));
+        }
     }
 }
 

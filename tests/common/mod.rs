@@ -86,6 +86,7 @@ impl Pki {
             cert_pem: self.serving.cert_pem.clone(),
             key_pem: self.serving.key_pem.clone(),
             client_ca_pem: None,
+            require_client_cert: false,
             watch_interval: Duration::from_millis(100),
             watch_events: None,
         }

@@ -1,0 +1,665 @@
+//! L7 frontends: TLS termination, HTTP/1.1 and HTTP/2 served by hyper, every
+//! request balanced on its own, responses streamed as they arrive, upgrades
+//! (SPDY, WebSocket) tunnelled, and identity hygiene: client-sent X-Remote-*
+//! headers are always removed; verified client certificates travel as
+//! front-proxy headers on connections presenting the front-proxy certificate.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::IntGauge;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::h1guard::H1Guard;
+use super::upstream::{Identity, Sender, UpBody, Upstream};
+use crate::balancer::ActiveGuard;
+use crate::config::HttpFrontend;
+use crate::health;
+use crate::metrics::{method_label, reject};
+use crate::runtime::{Frontend, Shared};
+use crate::tls::TlsError;
+
+type RespBody = BoxBody<Bytes, hyper::Error>;
+
+/// Reset streams a client may cause before its HTTP/2 connection is closed.
+const H2_MAX_PENDING_RESETS: usize = 20;
+const H2_MAX_LOCAL_RESETS: usize = 1024;
+/// HTTP/2 PINGs to clients: finds dead peers without cutting idle watches.
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The L7 side of a frontend, built by each reload (certificates re-read).
+pub struct HttpRuntime {
+    pub settings: HttpFrontend,
+    pub acceptor: TlsAcceptor,
+    pub upstream: Arc<Upstream>,
+}
+
+impl HttpRuntime {
+    pub fn new(settings: &HttpFrontend, upstream: Arc<Upstream>) -> Result<Self, TlsError> {
+        let cfg = crate::tls::server_config_files(
+            &settings.cert_file,
+            &settings.key_file,
+            settings.client_ca_file.as_deref(),
+            &[b"h2", b"http/1.1"],
+        )?;
+        Ok(HttpRuntime {
+            settings: settings.clone(),
+            acceptor: TlsAcceptor::from(cfg),
+            upstream,
+        })
+    }
+}
+
+/// A client identity from a verified certificate: user (CN) and groups (O).
+#[derive(Clone, Debug)]
+struct ClientId {
+    user: String,
+    groups: Vec<String>,
+}
+
+fn client_id(der: &[u8]) -> Option<ClientId> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let user = subject
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    let groups = subject
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok().map(String::from))
+        .collect();
+    Some(ClientId { user, groups })
+}
+
+/// Per-connection context shared by its requests.
+struct Conn {
+    shared: Arc<Shared>,
+    fe: Arc<Frontend>,
+    peer: SocketAddr,
+    id: Option<ClientId>,
+    active: IntGauge,
+}
+
+/// Runs a hyper server connection; at shutdown asks it to finish (GOAWAY,
+/// close when idle), and drops it when the grace is over.
+macro_rules! drive {
+    ($conn:expr, $shared:expr, $hard_stop:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        let finished = tokio::select! {
+            r = conn.as_mut() => { log_end(r); true }
+            _ = $shared.shutdown.cancelled() => { conn.as_mut().graceful_shutdown(); false }
+            _ = $hard_stop.cancelled() => true,
+        };
+        if !finished {
+            tokio::select! {
+                r = conn.as_mut() => log_end(r),
+                _ = $hard_stop.cancelled() => {}
+            }
+        }
+    }};
+}
+
+/// Serves one accepted client connection until it ends, shutdown drains it,
+/// or the grace runs out.
+pub async fn serve_conn(
+    shared: Arc<Shared>,
+    fe: Arc<Frontend>,
+    sock: TcpStream,
+    peer: SocketAddr,
+    hard_stop: CancellationToken,
+) {
+    let rt = fe.http.clone().expect("http frontend has its runtime");
+    let s = &rt.settings;
+    let tls = match tokio::time::timeout(s.header_timeout, rt.acceptor.accept(sock)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            fe.stats.metrics.rejected(reject::TLS_HANDSHAKE);
+            debug!(client.addr = %peer, error = %e, "tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            fe.stats.metrics.rejected(reject::TLS_HANDSHAKE);
+            debug!(client.addr = %peer, "tls handshake timed out");
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let id = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| client_id(c.as_ref()));
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    let conn = Arc::new(Conn {
+        active: shared.metrics.http_active(&fe.name),
+        shared: shared.clone(),
+        fe: fe.clone(),
+        peer,
+        id,
+    });
+    let svc = service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(proxy(conn, req).await) }
+    });
+    if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_concurrent_streams(s.http2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+            .max_header_list_size(s.max_header_bytes as u32)
+            .keep_alive_interval(H2_KEEPALIVE)
+            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+        drive!(
+            b.serve_connection(TokioIo::new(tls), svc),
+            shared,
+            hard_stop
+        );
+    } else {
+        let io = H1Guard::new(tls, s.max_header_bytes, fe.stats.metrics.clone());
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(s.header_timeout)
+            .max_header_size(s.max_header_bytes);
+        drive!(
+            b.serve_connection(TokioIo::new(io), svc).with_upgrades(),
+            shared,
+            hard_stop
+        );
+    }
+}
+
+fn log_end(r: Result<(), hyper::Error>) {
+    if let Err(e) = r {
+        debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+fn local(status: StatusCode, msg: impl Into<String>) -> Response<RespBody> {
+    let mut body = msg.into();
+    body.push('\n');
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|n: Infallible| match n {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Requests with no response deadline: watches, follows, exec/attach/port-forward, proxy.
+pub fn is_long_running(uri: &Uri) -> bool {
+    let q = uri.query().unwrap_or("");
+    let flag = |k: &str| {
+        q.split('&')
+            .any(|kv| kv == format!("{k}=true") || kv == format!("{k}=1"))
+    };
+    let path = uri.path();
+    flag("watch")
+        || flag("follow")
+        || path.contains("/watch/")
+        || path
+            .split('/')
+            .any(|seg| matches!(seg, "exec" | "attach" | "portforward" | "proxy"))
+}
+
+/// Headers that concern one hop only (RFC 9110 §7.6.1), plus those named in Connection.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if keep_upgrade && n == header::UPGRADE {
+            continue;
+        }
+        h.remove(n);
+    }
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "proxy-authorization",
+        "proxy-authenticate",
+    ] {
+        h.remove(n);
+    }
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    } else {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// Removes every identity header a client might send to name itself.
+fn strip_identity(h: &mut HeaderMap) {
+    let extra: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-remote-extra-"))
+        .cloned()
+        .collect();
+    for k in extra {
+        h.remove(k);
+    }
+    h.remove("x-remote-user");
+    h.remove("x-remote-group");
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
+}
+
+/// The head of a request, kept to resend a body-less GET/HEAD on another backend.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody> {
+    let fe = &conn.fe;
+    let rt = fe.http.as_ref().expect("http frontend");
+    let started = Instant::now();
+    let method = method_label(req.method());
+    let upgrade = is_upgrade(&req);
+    let long = upgrade || is_long_running(req.uri());
+
+    // Identity hygiene comes before anything else looks at the request.
+    strip_identity(req.headers_mut());
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    let ip = conn.peer.ip().to_string();
+    let xff = match req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        req.headers_mut().insert("x-forwarded-for", v);
+    }
+    let identity = match &conn.id {
+        Some(id) => {
+            let h = req.headers_mut();
+            match HeaderValue::from_str(&id.user) {
+                Ok(v) => {
+                    h.insert("x-remote-user", v);
+                }
+                Err(_) => {
+                    return local(
+                        StatusCode::BAD_REQUEST,
+                        "client certificate CN is not a valid header value",
+                    )
+                }
+            }
+            for g in &id.groups {
+                if let Ok(v) = HeaderValue::from_str(g) {
+                    h.append("x-remote-group", v);
+                }
+            }
+            if !rt.upstream.has_front_proxy() {
+                warn!(frontend = %fe.name, "a verified client certificate arrived but the pool has no front_proxy_cert_file");
+                return local(
+                    StatusCode::BAD_GATEWAY,
+                    "front-proxy identity is not configured for this pool",
+                );
+            }
+            Identity::FrontProxy
+        }
+        None => Identity::Plain,
+    };
+    // Authority for HTTP/2 upstreams and Host for HTTP/1.1 ones.
+    let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    });
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let replay = (matches!(*req.method(), Method::GET | Method::HEAD)
+        && req.body().is_end_stream())
+    .then(|| Replay {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        headers: req.headers().clone(),
+    });
+    let _stream = GaugeGuard::new(conn.active.clone());
+
+    let pool = &fe.pool;
+    let cfg = &pool.config;
+    let mut tried: Vec<usize> = Vec::with_capacity(cfg.connect_attempts as usize);
+    let mut first = Some(req);
+    let mut last_error = String::from("no backend available");
+    while tried.len() < cfg.connect_attempts as usize {
+        let Some(i) = pool.pick(&tried) else { break };
+        tried.push(i);
+        let b = &pool.backends[i];
+        let guard = b.enter();
+        let t0 = Instant::now();
+        let sender = match rt.upstream.sender(i, b, identity, upgrade).await {
+            Ok(s) => s,
+            Err(e) => {
+                b.metrics.connect_failures.inc();
+                last_error = e.to_string();
+                debug!(backend.addr = %b.server.key, error = %last_error, "upstream connect failed; trying the next server");
+                health::connect_failed(&conn.shared, b, &cfg.health, &last_error);
+                continue;
+            }
+        };
+        b.metrics
+            .connect_duration
+            .observe(t0.elapsed().as_secs_f64());
+        let out = match first.take() {
+            Some(r) => r.map(|body| body.boxed()),
+            None => match &replay {
+                Some(rp) => {
+                    let mut r = Request::new(
+                        Empty::<Bytes>::new()
+                            .map_err(|n: Infallible| match n {})
+                            .boxed(),
+                    );
+                    *r.method_mut() = rp.method.clone();
+                    *r.uri_mut() = rp.uri.clone();
+                    *r.headers_mut() = rp.headers.clone();
+                    r
+                }
+                None => break,
+            },
+        };
+        let out = shape(out, &sender, authority.as_deref(), &b.server.key);
+        let is_h2 = sender.is_h2();
+        let send = send(&rt.upstream, i, identity, sender, out, upgrade);
+        let result = if long {
+            send.await
+        } else {
+            match tokio::time::timeout(rt.settings.request_timeout, send).await {
+                Ok(r) => r,
+                Err(_) => {
+                    count(&conn, b, method, StatusCode::GATEWAY_TIMEOUT);
+                    return local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the apiserver did not answer within request_timeout",
+                    );
+                }
+            }
+        };
+        match result {
+            Ok(mut resp) => {
+                count(&conn, b, method, resp.status());
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client_up) = client_upgrade {
+                        let server_up = hyper::upgrade::on(&mut resp);
+                        tunnel(&conn, client_up, server_up, guard);
+                        let (parts, _) = resp.into_parts();
+                        return Response::from_parts(
+                            parts,
+                            Empty::new().map_err(|n: Infallible| match n {}).boxed(),
+                        );
+                    }
+                } else {
+                    strip_hop_by_hop(resp.headers_mut(), false);
+                }
+                let timer = (!long).then(|| {
+                    (
+                        started,
+                        conn.shared
+                            .metrics
+                            .http_duration
+                            .with_label_values(&[&fe.name, method]),
+                    )
+                });
+                return resp.map(|body| {
+                    Tracked {
+                        body,
+                        _backend: guard,
+                        timer,
+                    }
+                    .boxed()
+                });
+            }
+            Err(e) => {
+                last_error = format!("upstream request failed: {e}");
+                debug!(backend.addr = %b.server.key, h2 = is_h2, error = %e, "upstream request failed");
+                if replay.is_none() {
+                    count(&conn, b, method, StatusCode::BAD_GATEWAY);
+                    return local(StatusCode::BAD_GATEWAY, last_error);
+                }
+                // A body-less GET/HEAD failed before any response byte: the
+                // next backend may answer it.
+            }
+        }
+    }
+    if tried.is_empty() {
+        fe.stats.metrics.rejected(reject::ALL_DOWN);
+        return local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no apiserver is up (when_all_down: reject)",
+        );
+    }
+    local(StatusCode::BAD_GATEWAY, last_error)
+}
+
+/// Sets version, URI form and Host for the upstream protocol.
+fn shape(
+    mut r: Request<UpBody>,
+    sender: &Sender,
+    authority: Option<&str>,
+    fallback: &str,
+) -> Request<UpBody> {
+    let pq = r
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let auth = authority.unwrap_or(fallback);
+    if sender.is_h2() {
+        *r.version_mut() = Version::HTTP_2;
+        if let Ok(u) = format!("https://{auth}{pq}").parse() {
+            *r.uri_mut() = u;
+        }
+        r.headers_mut().remove(header::HOST);
+    } else {
+        *r.version_mut() = Version::HTTP_11;
+        if let Ok(u) = pq.parse() {
+            *r.uri_mut() = u;
+        }
+        if !r.headers().contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(auth) {
+                r.headers_mut().insert(header::HOST, v);
+            }
+        }
+    }
+    r
+}
+
+async fn send(
+    up: &Arc<Upstream>,
+    i: usize,
+    identity: Identity,
+    sender: Sender,
+    req: Request<UpBody>,
+    upgrade: bool,
+) -> Result<Response<Incoming>, hyper::Error> {
+    match sender {
+        Sender::H2(mut s) => s.send_request(req).await,
+        Sender::H1(mut s) => {
+            let r = s.send_request(req).await;
+            if r.is_ok() && !upgrade {
+                up.release(i, identity, s);
+            }
+            r
+        }
+    }
+}
+
+fn count(conn: &Conn, b: &crate::balancer::Backend, method: &str, status: StatusCode) {
+    conn.shared
+        .metrics
+        .http_requests
+        .with_label_values(&[
+            &*conn.fe.name,
+            &*b.pool,
+            b.server.key.as_str(),
+            method,
+            status.as_str(),
+        ])
+        .inc();
+}
+
+/// Joins the client's and the apiserver's upgraded connections and copies
+/// bytes both ways (exec, attach, port-forward).
+fn tunnel(
+    conn: &Conn,
+    client: hyper::upgrade::OnUpgrade,
+    server: hyper::upgrade::OnUpgrade,
+    guard: ActiveGuard,
+) {
+    let hard_stop = conn.shared.hard_stop.clone();
+    let peer = conn.peer;
+    conn.shared.connections.spawn(async move {
+        let (c, s) = match tokio::try_join!(client, server) {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(client.addr = %peer, error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
+        let kill = guard.backend().kill_token();
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut c, &mut s) => {
+                if let Err(e) = r { debug!(client.addr = %peer, error = %e, "upgraded stream ended"); }
+            }
+            _ = kill.cancelled() => {}
+            _ = hard_stop.cancelled() => {}
+        }
+        drop(guard);
+    });
+}
+
+/// Decrements a gauge when dropped.
+struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    fn new(g: IntGauge) -> Self {
+        g.inc();
+        GaugeGuard(g)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A response body that holds the backend's open-request count until the
+/// response ends, and times it (long-running requests are not timed).
+struct Tracked {
+    body: Incoming,
+    _backend: ActiveGuard,
+    timer: Option<(Instant, prometheus::Histogram)>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some((t, h)) = self.timer.take() {
+            h.observe(t.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_running_requests_are_recognised() {
+        for (u, want) in [
+            ("/api/v1/namespaces?watch=true", true),
+            ("/api/v1/pods?labelSelector=a&watch=1", true),
+            ("/api/v1/watch/namespaces", true),
+            ("/api/v1/namespaces/d/pods/p/log?follow=true", true),
+            ("/api/v1/namespaces/d/pods/p/exec?command=sh", true),
+            ("/api/v1/namespaces/d/pods/p/attach", true),
+            ("/api/v1/namespaces/d/pods/p/portforward", true),
+            ("/api/v1/namespaces/d/services/s/proxy/healthz", true),
+            ("/api/v1/namespaces", false),
+            ("/api/v1/namespaces?watch=false", false),
+            ("/version", false),
+        ] {
+            assert_eq!(is_long_running(&u.parse().unwrap()), want, "{u}");
+        }
+    }
+
+    #[test]
+    fn identity_and_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("x-remote-user", "admin"),
+            ("x-remote-group", "system:masters"),
+            ("x-remote-extra-scopes", "all"),
+            ("impersonate-user", "bob"),
+            ("authorization", "Bearer t"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        strip_identity(&mut h);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(left, ["impersonate-user", "authorization"]);
+    }
+}
