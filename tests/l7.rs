@@ -20,12 +20,18 @@ struct L7 {
     pki: Pki,
     fakes: Vec<FakeApiserver>,
     h: apilb::Handle,
+    yaml: String,
 }
 
 impl L7 {
     /// `client_ca`: verify client certificates at apilb (front-proxy path on).
     /// `check`: the pool's health check kind.
     async fn start(client_ca: bool, check: &str, extra_fe: &str) -> Self {
+        Self::start_with(client_ca, check, extra_fe, "").await
+    }
+
+    /// `extra_health`: more keys for the pool's health section.
+    async fn start_with(client_ca: bool, check: &str, extra_fe: &str, extra_health: &str) -> Self {
         let pki = Pki::new();
         let dir = pki.dir.path().to_path_buf();
         // The fakes ask for (but do not require) client certs, as an apiserver does.
@@ -53,7 +59,7 @@ impl L7 {
         let yaml = format!(
             "admin:\n  listen: 127.0.0.1:0\nshutdown_grace: 2s\nfrontends:\n  - name: fe\n    listen: 127.0.0.1:0\n    mode: http\n    pool: p\n{extra_fe}    tls:\n      cert_file: {}\n      key_file: {}\n{client_ca}\
              pools:\n  - name: p\n    servers:\n{}    tls:\n      ca_file: {ca}\n      server_name: kubernetes\n      front_proxy_cert_file: {}\n      front_proxy_key_file: {}\n\
-             \x20   health:\n      check: {check}\n      interval: 500ms\n      timeout: 250ms\n      rise: 1\n      fall: 2\n      tls:\n        ca_file: {ca}\n        server_name: kubernetes\n",
+             \x20   health:\n      check: {check}\n      interval: 500ms\n      timeout: 250ms\n      rise: 1\n      fall: 2\n{extra_health}      tls:\n        ca_file: {ca}\n        server_name: kubernetes\n",
             dir.join("server.crt").display(),
             dir.join("server.key").display(),
             servers_yaml(&addrs),
@@ -70,7 +76,12 @@ impl L7 {
             .replace("        server_name: kubernetes\n", "")
         };
         let h = start_yaml(&yaml).await;
-        L7 { pki, fakes, h }
+        L7 {
+            pki,
+            fakes,
+            h,
+            yaml,
+        }
     }
 
     fn addr(&self) -> SocketAddr {
@@ -559,4 +570,105 @@ async fn http_mode_config_is_validated() {
         e.contains("frontends[0].request_timeout: only used with mode: http"),
         "{e}"
     );
+}
+
+async fn h2_client(l7: &L7) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let tcp = TcpStream::connect(l7.addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("kubernetes").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(l7.tls(None, &[b"h2"]))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+#[tokio::test]
+async fn a_long_lived_client_connection_follows_a_reload_that_removes_a_server() {
+    let l7 = L7::start(false, "https", "").await;
+    let mut send = h2_client(&l7).await;
+    let removed = l7.fakes[0].addr();
+    let yaml = l7.yaml.replace(&format!("      - {removed}\n"), "");
+    assert_ne!(yaml, l7.yaml);
+    l7.h.apply(apilb::config::parse(&yaml).unwrap())
+        .await
+        .unwrap();
+    for _ in 0..30 {
+        let req = hyper::Request::get(format!("https://{}/whoami", l7.addr()))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_ne!(
+            resp.headers()["x-fake-server"],
+            "api-1",
+            "a removed server got a request on an old connection"
+        );
+        resp.into_body().collect().await.unwrap();
+    }
+    l7.h.shutdown();
+    l7.h.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_to_a_hung_backend_ends_after_close_after_down_and_streams_are_counted() {
+    let l7 = L7::start_with(false, "https", "", "      close_after_down: 1s\n").await;
+    let admin = l7.h.admin_addr().unwrap();
+    let mut send = h2_client(&l7).await;
+    let req = hyper::Request::get(format!(
+        "https://{}/api/v1/namespaces?watch=true",
+        l7.addr()
+    ))
+    .body(Empty::<Bytes>::new())
+    .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let server = resp.headers()["x-fake-server"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut body = resp.into_body();
+    assert!(next_frame(&mut body, Duration::from_secs(5))
+        .await
+        .is_some());
+    let (_, m) = admin_get(admin, "/metrics").await;
+    assert_eq!(
+        metric(&m, "apilb_http_active_streams{frontend=\"fe\"}"),
+        Some(1.0),
+        "an open watch is an active stream"
+    );
+    let fake = l7.fakes.iter().find(|f| f.name() == server).unwrap();
+    fake.set_hang(true);
+    let t = Instant::now();
+    let mut events = 1;
+    while next_frame(&mut body, Duration::from_secs(10))
+        .await
+        .is_some()
+    {
+        events += 1;
+    }
+    assert!(
+        events < 30,
+        "the stream was cut before its natural end ({events} events)"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "cut after {:?}",
+        t.elapsed()
+    );
+    wait_for(
+        "the stream gauge to drop",
+        Duration::from_secs(5),
+        || async {
+            let (_, m) = admin_get(admin, "/metrics").await;
+            (metric(&m, "apilb_http_active_streams{frontend=\"fe\"}") == Some(0.0)).then_some(())
+        },
+    )
+    .await;
+    l7.h.shutdown();
+    l7.h.wait().await;
 }

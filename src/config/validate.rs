@@ -200,7 +200,12 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
             }
         };
         let http = match mode {
-            Some(Mode::Http) => http_frontend(&mut errs, &base, f),
+            Some(Mode::Http) => {
+                if f.idle_timeout.is_some() {
+                    errs.push(format!("{base}.idle_timeout"), "only used with mode: tcp");
+                }
+                http_frontend(&mut errs, &base, f)
+            }
             _ => {
                 if f.tls.is_some() {
                     errs.push(

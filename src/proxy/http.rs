@@ -5,6 +5,7 @@
 //! front-proxy headers on connections presenting the front-proxy certificate.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -285,7 +286,21 @@ struct Replay {
 }
 
 async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody> {
-    let fe = &conn.fe;
+    // Each request sees the current snapshot: a long-lived client connection
+    // follows reloads (a removed server gets no new requests). A frontend
+    // removed by a reload keeps serving its open connections as it was.
+    let current = conn
+        .shared
+        .snapshot
+        .load()
+        .frontends
+        .get(&conn.fe.name)
+        .cloned();
+    let fe = match current.filter(|f| f.http.is_some()) {
+        Some(f) => f,
+        None => conn.fe.clone(),
+    };
+    let fe = &fe;
     let rt = fe.http.as_ref().expect("http frontend");
     let started = Instant::now();
     let method = method_label(req.method());
@@ -352,7 +367,7 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
         uri: req.uri().clone(),
         headers: req.headers().clone(),
     });
-    let _stream = GaugeGuard::new(conn.active.clone());
+    let stream = GaugeGuard::new(conn.active.clone());
 
     let pool = &fe.pool;
     let cfg = &pool.config;
@@ -437,10 +452,13 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
                             .with_label_values(&[&fe.name, method]),
                     )
                 });
+                let closed = Box::pin(b.kill_token().cancelled_owned());
                 return resp.map(|body| {
                     Tracked {
                         body,
+                        closed,
                         _backend: guard,
+                        _stream: stream,
                         timer,
                     }
                     .boxed()
@@ -582,11 +600,16 @@ impl Drop for GaugeGuard {
     }
 }
 
-/// A response body that holds the backend's open-request count until the
-/// response ends, and times it (long-running requests are not timed).
+/// A response body that holds the backend's open-request count and the
+/// frontend's active-stream gauge until the response ends, times it
+/// (long-running requests are not timed), and ends early when the backend's
+/// connections are closed (drain_timeout, close_after_down) so the client
+/// re-issues its watch against a live server.
 struct Tracked {
     body: Incoming,
+    closed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     _backend: ActiveGuard,
+    _stream: GaugeGuard,
     timer: Option<(Instant, prometheus::Histogram)>,
 }
 
@@ -606,6 +629,9 @@ impl Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.closed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
         Pin::new(&mut self.body).poll_frame(cx)
     }
 
