@@ -106,6 +106,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<Bound> {
     )?;
     sock.set_reuse_address(true)?;
     sock.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY and keepalive from the listener
+    // (Linux): no per-connection setsockopt on the accept path.
+    crate::proxy::tcp::tune_socket(&sock);
     sock.bind(&addr.into())?;
     sock.listen(LISTEN_BACKLOG)?;
     let listener: std::net::TcpListener = sock.into();

@@ -501,8 +501,12 @@ fn shape(
     let auth = authority.unwrap_or(fallback);
     if sender.is_h2() {
         *r.version_mut() = Version::HTTP_2;
-        if let Ok(u) = format!("https://{auth}{pq}").parse() {
-            *r.uri_mut() = u;
+        // An HTTP/2 client's URI is already absolute; build one only for
+        // HTTP/1.1 clients (origin-form).
+        if r.uri().scheme().is_none() || r.uri().authority().is_none() {
+            if let Ok(u) = format!("https://{auth}{pq}").parse() {
+                *r.uri_mut() = u;
+            }
         }
         r.headers_mut().remove(header::HOST);
     } else {

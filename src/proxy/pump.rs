@@ -107,6 +107,11 @@ pub struct Counters<'a> {
 /// How bytes move from one socket to the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Copy {
+    /// Buffer for small messages, splice while a bulk transfer runs: a read
+    /// that fills the buffer switches to splice, a splice that moves less than
+    /// `SPLICE_MIN` switches back (splice costs two calls per message, which
+    /// only pays off for large ones; HAProxy's `splice-auto` does the same).
+    Auto,
     /// splice(2) through a pooled pipe (Linux); falls back to `Buffer` on a
     /// socket that refuses it.
     Splice,
@@ -116,10 +121,13 @@ pub enum Copy {
 
 /// The best method on this platform.
 pub const DEFAULT_COPY: Copy = if cfg!(target_os = "linux") {
-    Copy::Splice
+    Copy::Auto
 } else {
     Copy::Buffer
 };
+
+/// Below this many bytes per splice, `Auto` goes back to the buffer.
+const SPLICE_MIN: usize = 16 * 1024;
 
 /// Relays bytes both ways until both directions finish, one side errors, the
 /// idle timeout fires, or a stop token is cancelled.
@@ -210,22 +218,38 @@ async fn one_way(
     last: &AtomicU64,
     start: Instant,
 ) -> Result<(), Side> {
-    #[cfg(target_os = "linux")]
-    let mut method = method;
+    let adaptive = method == Copy::Auto;
+    // Splicing right now? (`Auto` starts with the buffer.)
+    let mut splicing = cfg!(target_os = "linux") && method == Copy::Splice;
     loop {
         from.readable().await.map_err(Side::Read)?;
-        let moved = match method {
-            #[cfg(target_os = "linux")]
-            Copy::Splice => match splice::once(from, to).await {
+        #[cfg(target_os = "linux")]
+        let moved = if splicing {
+            match splice::once(from, to).await {
                 Err(splice::Error::Unsupported) => {
-                    method = Copy::Buffer;
+                    splicing = false;
                     continue;
                 }
                 Err(splice::Error::Read(e)) => return Err(Side::Read(e)),
                 Err(splice::Error::Write(e)) => return Err(Side::Write(e)),
-                Ok(n) => n,
-            },
-            _ => copy_once(from, to).await?,
+                Ok(n) => {
+                    if adaptive && n.is_some_and(|n| n > 0 && n < SPLICE_MIN) {
+                        splicing = false;
+                    }
+                    n
+                }
+            }
+        } else {
+            let n = copy_once(from, to).await?;
+            if adaptive && n == Some(BUF_SIZE) {
+                splicing = true;
+            }
+            n
+        };
+        #[cfg(not(target_os = "linux"))]
+        let moved = {
+            let _ = (adaptive, &mut splicing);
+            copy_once(from, to).await?
         };
         match moved {
             None => continue, // spurious readiness
@@ -410,7 +434,7 @@ mod tests {
     /// 8 MiB through one direction with each method: bytes intact, FIN passed on.
     #[tokio::test]
     async fn both_methods_move_bytes_intact_and_pass_fin() {
-        for method in [Copy::Splice, Copy::Buffer] {
+        for method in [Copy::Auto, Copy::Splice, Copy::Buffer] {
             let (mut src, from) = pair().await;
             let (to, mut dst) = pair().await;
             let data: Vec<u8> = (0..8 * 1024 * 1024u32)

@@ -30,7 +30,11 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 pub fn tune(sock: &TcpStream) {
-    let s = SockRef::from(sock);
+    tune_socket(&SockRef::from(sock));
+}
+
+/// TCP_NODELAY and keepalive; on a listener, inherited by accepted sockets.
+pub fn tune_socket(s: &socket2::Socket) {
     let _ = s.set_nodelay(true);
     let ka = TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
@@ -87,7 +91,8 @@ pub async fn serve(
         stats.metrics.connections.inc();
         stats.metrics.active.inc();
         let guard = FrontendGuard(fe.clone());
-        tune(&sock);
+        #[cfg(not(target_os = "linux"))]
+        tune(&sock); // inherited from the listener on Linux
         let span = info_span!("conn", frontend = %fe.name, client.addr = %peer, backend.addr = field::Empty);
         let hard_stop = shared.hard_stop.clone();
         let sh = shared.clone();
@@ -217,4 +222,27 @@ async fn connect(shared: &Shared, fe: &Frontend) -> Result<(TcpStream, ActiveGua
         health::connect_failed(shared, b, &cfg.health, &err);
     }
     Err(last_reason)
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    /// The accept path relies on Linux copying these options from the
+    /// listener to every accepted socket.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        super::tune_socket(&sock);
+        sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        sock.listen(16).unwrap();
+        let addr = sock.local_addr().unwrap().as_socket().unwrap();
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        let (acc, _) = sock.accept().unwrap();
+        assert!(acc.nodelay().unwrap());
+        assert!(acc.keepalive().unwrap());
+        assert_eq!(acc.keepalive_time().unwrap(), super::KEEPALIVE_IDLE);
+        assert_eq!(acc.keepalive_interval().unwrap(), super::KEEPALIVE_INTERVAL);
+        assert_eq!(acc.keepalive_retries().unwrap(), super::KEEPALIVE_RETRIES);
+    }
 }

@@ -1,0 +1,1044 @@
+//! Side-by-side benchmark following ../shared/BENCHMARKS.md: apilb against
+//! HAProxy, nginx (stream, and http for L7) and a direct connection, in one
+//! run on one machine, arms interleaved, only ratios reported.
+//!
+//! `cargo bench --bench proxy` runs the full protocol (20 s runs, a warm-up
+//! and 5 measured runs per arm). `APILB_BENCH_QUICK=1` makes one short run
+//! per arm (a smoke test for CI). `APILB_BENCH_SECS` and `APILB_BENCH_RUNS`
+//! override the duration and the number of measured runs.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::{Body, Frame};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+const LARGE: u64 = 1 << 30; // 1 GiB, streamed
+const SMALL: usize = 1024;
+const IDLE_CONNS: usize = 5000;
+const ARMS: [&str; 4] = ["direct", "apilb", "haproxy", "nginx"];
+
+struct Opts {
+    quick: bool,
+    secs: u64,
+    runs: usize,
+}
+
+fn opts() -> Opts {
+    let quick = std::env::var("APILB_BENCH_QUICK").as_deref() == Ok("1");
+    let num = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    Opts {
+        quick,
+        secs: num("APILB_BENCH_SECS", if quick { 1 } else { 20 }),
+        runs: num("APILB_BENCH_RUNS", if quick { 1 } else { 5 }) as usize,
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn version(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            let t = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            t.lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|_| "not installed".into())
+}
+
+fn pin_current_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity
+    // only touch the set we own and the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        r.rlim_cur
+    }
+}
+
+fn tune_sysctls() -> Vec<String> {
+    let mut notes = Vec::new();
+    for (k, v) in [
+        ("net/ipv4/ip_local_port_range", "1024 65535"),
+        ("net/ipv4/tcp_tw_reuse", "1"),
+        ("net/core/somaxconn", "4096"),
+    ] {
+        let path = format!("/proc/sys/{k}");
+        if std::fs::write(&path, v).is_err() {
+            notes.push(format!(
+                "sysctl {} = {v} refused (kept {:?})",
+                k.replace('/', "."),
+                std::fs::read_to_string(&path).unwrap_or_default().trim()
+            ));
+        }
+    }
+    notes
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields after the command: state is [0]; utime [11], stime [12].
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Proportional set size of a process in KiB.
+fn pss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+// ---------------------------------------------------------------- backends
+
+/// A body of `left` bytes made of one repeated chunk (no copying).
+struct Repeat {
+    left: u64,
+    chunk: Bytes,
+}
+
+impl Body for Repeat {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = (self.chunk.len() as u64).min(self.left);
+        self.left -= n;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n as usize)))))
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+async fn backend_handle(
+    req: hyper::Request<hyper::body::Incoming>,
+    chunk: Bytes,
+    small: Bytes,
+) -> Result<hyper::Response<BoxBody<Bytes, Infallible>>, Infallible> {
+    let body = match req.uri().path() {
+        "/large" => BoxBody::new(Repeat { left: LARGE, chunk }),
+        "/readyz" => Full::new(Bytes::from_static(b"ok")).boxed(),
+        _ => Full::new(small).boxed(),
+    };
+    Ok(hyper::Response::new(body))
+}
+
+/// Three plain HTTP and three TLS (h2 + http/1.1) backends on CPU 0, in a
+/// thread of their own.
+struct Backends {
+    plain: Vec<SocketAddr>,
+    tls: Vec<SocketAddr>,
+}
+
+fn start_backends(cert_pem: &str, key_pem: &str) -> Backends {
+    let listeners: Vec<TcpListener> = (0..6)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let tls_cfg = apilb::tls::server_config(
+        cert_pem.as_bytes(),
+        key_pem.as_bytes(),
+        apilb::tls::ClientAuth::None,
+        &[b"h2", b"http/1.1"],
+    )
+    .unwrap();
+    std::thread::spawn(move || {
+        pin_current_thread(0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let chunk = Bytes::from(vec![b'x'; 256 * 1024]);
+            let small = Bytes::from(vec![b's'; SMALL]);
+            for (i, l) in listeners.into_iter().enumerate() {
+                l.set_nonblocking(true).unwrap();
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                let acceptor = (i >= 3).then(|| tokio_rustls::TlsAcceptor::from(tls_cfg.clone()));
+                let (chunk, small) = (chunk.clone(), small.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let Ok((s, _)) = l.accept().await else {
+                            continue;
+                        };
+                        let _ = s.set_nodelay(true);
+                        let (chunk, small, acceptor) =
+                            (chunk.clone(), small.clone(), acceptor.clone());
+                        tokio::spawn(async move {
+                            let svc = hyper::service::service_fn(move |r| {
+                                backend_handle(r, chunk.clone(), small.clone())
+                            });
+                            let b =
+                                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                            match acceptor {
+                                None => {
+                                    let _ = b.serve_connection(TokioIo::new(s), svc).await;
+                                }
+                                Some(a) => {
+                                    if let Ok(t) = a.accept(s).await {
+                                        let _ = b.serve_connection(TokioIo::new(t), svc).await;
+                                    }
+                                }
+                            }
+                        });
+                    }
+                });
+            }
+            std::future::pending::<()>().await;
+        });
+    });
+    Backends {
+        plain: addrs[..3].to_vec(),
+        tls: addrs[3..].to_vec(),
+    }
+}
+
+// ----------------------------------------------------------------- proxies
+
+/// A proxy process under test (pinned to CPU 1), killed on drop.
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Where one arm listens for each kind of traffic.
+#[derive(Clone, Copy, Default)]
+struct Ports {
+    plain: u16,
+    tls: u16,
+    l7: u16,
+}
+
+fn wait_listening(port: u16, what: &str, log: &Path) {
+    let end = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > end {
+            panic!(
+                "{what} did not listen on {port}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn_pinned(name: &str, program: &Path, args: &[String], log: &Path) -> Proc {
+    let log = std::fs::File::create(log).unwrap();
+    let child = Command::new("taskset")
+        .arg("-c")
+        .arg("1")
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {name}: {e}"));
+    Proc { child }
+}
+
+fn servers(addrs: &[SocketAddr]) -> String {
+    addrs.iter().map(|a| format!("      - {a}\n")).collect()
+}
+
+fn start_apilb(
+    dir: &Path,
+    b: &Backends,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    health: bool,
+) -> (Proc, Ports) {
+    let p = Ports {
+        plain: free_port(),
+        tls: free_port(),
+        l7: free_port(),
+    };
+    let hc = |kind: &str| {
+        if health {
+            format!("    health:\n      check: {kind}\n      path: /readyz\n      interval: 2s\n      timeout: 1s\n{}", if kind == "https" { format!("      tls:\n        ca_file: {}\n", ca.display()) } else { String::new() })
+        } else {
+            "    health:\n      check: none\n".into()
+        }
+    };
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nworkers: 1\nshutdown_grace: 1s\nfrontends:\n\
+         \x20 - {{name: plain, listen: '127.0.0.1:{}', pool: plain, max_connections: 50000}}\n\
+         \x20 - {{name: tls, listen: '127.0.0.1:{}', pool: tls, max_connections: 50000}}\n\
+         \x20 - name: l7\n    listen: 127.0.0.1:{}\n    mode: http\n    pool: tls\n    max_connections: 50000\n    tls:\n      cert_file: {}\n      key_file: {}\n\
+         pools:\n  - name: plain\n    connect_timeout: 5s\n    servers:\n{}{}\
+         \x20 - name: tls\n    connect_timeout: 5s\n    servers:\n{}    tls:\n      ca_file: {}\n{}",
+        p.plain,
+        p.tls,
+        p.l7,
+        cert.display(),
+        key.display(),
+        servers(&b.plain),
+        hc("http"),
+        servers(&b.tls),
+        ca.display(),
+        hc("https"),
+    );
+    let name = if health { "apilb-hc" } else { "apilb" };
+    let cfg = dir.join(format!("{name}.yaml"));
+    std::fs::write(&cfg, yaml).unwrap();
+    let args = vec![
+        "--log-level".into(),
+        "warn".into(),
+        "run".into(),
+        "--no-watch".into(),
+        "-c".into(),
+        cfg.display().to_string(),
+    ];
+    let proc = spawn_pinned(
+        name,
+        Path::new(env!("CARGO_BIN_EXE_apilb")),
+        &args,
+        &dir.join(format!("{name}.log")),
+    );
+    for port in [p.plain, p.tls, p.l7] {
+        wait_listening(port, name, &dir.join(format!("{name}.log")));
+    }
+    (proc, p)
+}
+
+fn start_haproxy(bin: &Path, dir: &Path, b: &Backends, pem: &Path, variant: &str) -> (Proc, Ports) {
+    let p = Ports {
+        plain: free_port(),
+        tls: free_port(),
+        l7: free_port(),
+    };
+    let (global_extra, check_plain) = match variant {
+        "nosplice" => ("    nosplice\n", ""),
+        "hc" => ("", " check inter 2s"),
+        _ => ("", ""),
+    };
+    let srv = |addrs: &[SocketAddr], extra: &str| -> String {
+        addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("    server s{i} {a}{extra}\n"))
+            .collect()
+    };
+    let cfg = format!(
+        "global\n    nbthread 1\n    maxconn 7500\n{global_extra}\
+         defaults\n    mode tcp\n    maxconn 7500\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n    timeout client-fin 5s\n    timeout server-fin 5s\n    option splice-auto\n\
+         frontend fe_plain\n    bind 127.0.0.1:{}\n    backlog 4096\n    default_backend be_plain\n\
+         backend be_plain\n    balance roundrobin\n{}{}\
+         frontend fe_tls\n    bind 127.0.0.1:{}\n    backlog 4096\n    default_backend be_tls\n\
+         backend be_tls\n    balance roundrobin\n{}\
+         frontend fe_l7\n    mode http\n    bind 127.0.0.1:{} ssl crt {} alpn h2,http/1.1\n    default_backend be_l7\n\
+         backend be_l7\n    mode http\n    balance roundrobin\n{}",
+        p.plain,
+        if variant == "hc" { "    option httpchk GET /readyz\n" } else { "" },
+        srv(&b.plain, check_plain),
+        p.tls,
+        srv(&b.tls, ""),
+        p.l7,
+        pem.display(),
+        srv(&b.tls, " ssl verify none alpn h2"),
+    );
+    let name = format!(
+        "haproxy{}",
+        if variant.is_empty() {
+            String::new()
+        } else {
+            format!("-{variant}")
+        }
+    );
+    let path = dir.join(format!("{name}.cfg"));
+    std::fs::write(&path, cfg).unwrap();
+    let args = vec!["-db".into(), "-f".into(), path.display().to_string()];
+    let proc = spawn_pinned(&name, bin, &args, &dir.join(format!("{name}.log")));
+    for port in [p.plain, p.tls, p.l7] {
+        wait_listening(port, &name, &dir.join(format!("{name}.log")));
+    }
+    (proc, p)
+}
+
+fn start_nginx(bin: &Path, dir: &Path, b: &Backends, cert: &Path, key: &Path) -> (Proc, Ports) {
+    let p = Ports {
+        plain: free_port(),
+        tls: free_port(),
+        l7: free_port(),
+    };
+    let ups = |addrs: &[SocketAddr]| -> String {
+        addrs
+            .iter()
+            .map(|a| format!("        server {a} max_fails=0;\n"))
+            .collect()
+    };
+    let d = dir.join("nginx");
+    std::fs::create_dir_all(&d).unwrap();
+    let cfg = format!(
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+         worker_processes 1;\nmaster_process off;\ndaemon off;\nworker_rlimit_nofile 20000;\nerror_log /dev/null crit;\npid {d}/nginx.pid;\n\
+         events {{ worker_connections 16000; }}\n\
+         stream {{\n    upstream api {{\n{}    }}\n    upstream api_tls {{\n{}    }}\n\
+         \x20   server {{ listen 127.0.0.1:{} backlog=4096; proxy_pass api; proxy_connect_timeout 5s; proxy_timeout 1h; tcp_nodelay on; }}\n\
+         \x20   server {{ listen 127.0.0.1:{} backlog=4096; proxy_pass api_tls; proxy_connect_timeout 5s; proxy_timeout 1h; tcp_nodelay on; }}\n}}\n\
+         http {{\n    access_log off;\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n\
+         \x20   upstream api_https {{\n{}        keepalive 64;\n    }}\n\
+         \x20   server {{\n        listen 127.0.0.1:{} ssl http2 backlog=4096;\n        ssl_certificate {};\n        ssl_certificate_key {};\n\
+         \x20       location / {{ proxy_pass https://api_https; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_ssl_verify off; proxy_buffering off; proxy_read_timeout 1h; }}\n    }}\n}}\n",
+        ups(&b.plain),
+        ups(&b.tls),
+        p.plain,
+        p.tls,
+        ups(&b.tls),
+        p.l7,
+        cert.display(),
+        key.display(),
+        d = d.display(),
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, cfg).unwrap();
+    let args = vec![
+        "-p".into(),
+        d.display().to_string(),
+        "-c".into(),
+        path.display().to_string(),
+    ];
+    let proc = spawn_pinned("nginx", bin, &args, &dir.join("nginx.log"));
+    for port in [p.plain, p.tls, p.l7] {
+        wait_listening(port, "nginx", &dir.join("nginx.log"));
+    }
+    (proc, p)
+}
+
+// ------------------------------------------------------------ load and parse
+
+/// A size in wrk's notation ("1.23GB", "512.00KB", "12B") in bytes.
+fn wrk_bytes(s: &str) -> f64 {
+    let s = s.trim();
+    let (num, mul) = [
+        ("TB", 1u64 << 40),
+        ("GB", 1 << 30),
+        ("MB", 1 << 20),
+        ("KB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(u, m)| s.strip_suffix(u).map(|n| (n, *m)))
+    .unwrap_or((s, 1));
+    num.trim().parse::<f64>().unwrap_or(f64::NAN) * mul as f64
+}
+
+/// A latency in wrk's notation ("123.45us", "1.20ms", "2.00s") in microseconds.
+fn wrk_micros(s: &str) -> f64 {
+    let s = s.trim();
+    if let Some(v) = s.strip_suffix("us") {
+        v.parse().unwrap_or(f64::NAN)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        v.parse::<f64>().unwrap_or(f64::NAN) * 1e3
+    } else if let Some(v) = s.strip_suffix('s') {
+        v.parse::<f64>().unwrap_or(f64::NAN) * 1e6
+    } else {
+        f64::NAN
+    }
+}
+
+#[derive(Default, Debug)]
+struct WrkOut {
+    rps: f64,
+    requests: f64,
+    bytes: f64,
+    secs: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn parse_wrk(out: &str) -> WrkOut {
+    let mut w = WrkOut {
+        p50_us: f64::NAN,
+        p99_us: f64::NAN,
+        ..Default::default()
+    };
+    for line in out.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            w.rps = v.trim().parse().unwrap_or(f64::NAN);
+        } else if let Some(v) = t.strip_prefix("50%") {
+            w.p50_us = wrk_micros(v);
+        } else if let Some(v) = t.strip_prefix("99%") {
+            w.p99_us = wrk_micros(v);
+        } else if t.contains(" requests in ") && t.ends_with(" read") {
+            // "1234 requests in 20.00s, 1.23GB read"
+            let (reqs, rest) = t.split_once(" requests in ").unwrap();
+            let (dur, size) = rest.split_once(", ").unwrap_or(("", ""));
+            w.requests = reqs.trim().parse().unwrap_or(f64::NAN);
+            w.secs = wrk_micros(dur) / 1e6;
+            w.bytes = wrk_bytes(size.trim_end_matches(" read"));
+        }
+    }
+    w
+}
+
+fn wrk(secs: u64, conns: usize, url: &str, extra: &[&str]) -> WrkOut {
+    let out = Command::new("taskset")
+        .args(["-c", "0", "wrk", "-t1"])
+        .arg(format!("-c{conns}"))
+        .arg(format!("-d{secs}s"))
+        .arg("--latency")
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run wrk");
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// h2load: requests per second, and (with `latency`) p50/p99 in µs from its log.
+fn h2load(
+    secs: u64,
+    warm: u64,
+    conns: usize,
+    streams: usize,
+    url: &str,
+    log: &Path,
+) -> (f64, f64, f64) {
+    let _ = std::fs::remove_file(log);
+    let out = Command::new("taskset")
+        .args(["-c", "0", "h2load", "-t1"])
+        .arg(format!("-c{conns}"))
+        .arg(format!("-m{streams}"))
+        .arg(format!("-D{secs}"))
+        .arg(format!("--warm-up-time={warm}"))
+        .arg(format!("--log-file={}", log.display()))
+        .arg(url)
+        .output()
+        .expect("run h2load");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|v| v.trim_end_matches(" req/s").parse().ok())
+        .unwrap_or(f64::NAN);
+    let mut lat: Vec<f64> = std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2).and_then(|v| v.trim().parse().ok()))
+        .collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            f64::NAN
+        } else {
+            lat[((lat.len() - 1) as f64 * p) as usize]
+        }
+    };
+    (rps, pct(0.50), pct(0.99))
+}
+
+/// curl downloading the large body once: GiB/s.
+fn curl_one(url: &str) -> f64 {
+    let out = Command::new("taskset")
+        .args([
+            "-c",
+            "0",
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{speed_download}",
+        ])
+        .arg(url)
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse::<f64>()
+        .unwrap_or(f64::NAN)
+        / (1u64 << 30) as f64
+}
+
+/// Opens `n` connections that each make one small request and stay open;
+/// returns them (drop to close).
+fn open_idle(addr: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    let req = b"GET /1k HTTP/1.1\r\nHost: bench\r\n\r\n";
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = std::net::TcpStream::connect(addr).expect("idle connection");
+        s.write_all(req).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Headers then a 1 KiB body.
+        let complete = |got: &[u8]| {
+            got.windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .is_some_and(|p| got.len() >= p + 4 + SMALL)
+        };
+        while !complete(&got) {
+            let k = s.read(&mut buf).unwrap();
+            assert!(k > 0, "connection closed before its response");
+            got.extend_from_slice(&buf[..k]);
+        }
+        conns.push(s);
+    }
+    conns
+}
+
+// ----------------------------------------------------------------- results
+
+#[derive(Default)]
+struct Results {
+    /// (scenario, metric) -> arm -> values
+    data: BTreeMap<(String, String), BTreeMap<String, Vec<f64>>>,
+}
+
+impl Results {
+    fn add(&mut self, scenario: &str, metric: &str, arm: &str, v: f64) {
+        if v.is_finite() {
+            self.data
+                .entry((scenario.into(), metric.into()))
+                .or_default()
+                .entry(arm.into())
+                .or_default()
+                .push(v);
+        }
+    }
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (s[s.len() / 2], s[0], s[s.len() - 1])
+}
+
+fn fmt(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn render(r: &Results) -> String {
+    let mut out = String::new();
+    out.push_str("| scenario | metric | direct | apilb | haproxy | nginx | apilb÷direct | apilb÷haproxy | apilb÷nginx |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for ((scenario, metric), arms) in &r.data {
+        let med = |a: &str| arms.get(a).map(|v| stats(v).0);
+        let cell = |a: &str| match arms.get(a) {
+            None => "—".to_string(),
+            Some(v) => {
+                let (m, lo, hi) = stats(v);
+                let spread = if m != 0.0 { (hi - lo) / m.abs() } else { 0.0 };
+                let flag = if v.len() > 1 && spread > 0.05 {
+                    " ⚠"
+                } else {
+                    ""
+                };
+                if v.len() > 1 {
+                    format!("{} ({}–{}){flag}", fmt(m), fmt(lo), fmt(hi))
+                } else {
+                    fmt(m)
+                }
+            }
+        };
+        let latency = metric.starts_with("added");
+        let ratio = |other: &str| match (med("apilb"), med(other)) {
+            (Some(a), Some(o)) if o != 0.0 => format!("{:.2}", a / o),
+            _ => "—".into(),
+        };
+        let (rd, rh, rn) = if latency {
+            ("—".to_string(), ratio("haproxy"), ratio("nginx"))
+        } else {
+            (ratio("direct"), ratio("haproxy"), ratio("nginx"))
+        };
+        let extra: Vec<String> = arms
+            .keys()
+            .filter(|k| !ARMS.contains(&k.as_str()))
+            .map(|k| format!("{k}: {}", cell(k)))
+            .collect();
+        let metric_cell = if extra.is_empty() {
+            metric.clone()
+        } else {
+            format!("{metric} [{}]", extra.join("; "))
+        };
+        out.push_str(&format!(
+            "| {scenario} | {metric_cell} | {} | {} | {} | {} | {rd} | {rh} | {rn} |\n",
+            cell("direct"),
+            cell("apilb"),
+            cell("haproxy"),
+            cell("nginx")
+        ));
+    }
+    out
+}
+
+// -------------------------------------------------------------------- main
+
+fn main() {
+    // `cargo bench` passes --bench; a filter argument may follow.
+    let o = opts();
+    let started = Instant::now();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let nofile = raise_nofile();
+    let sysctl_notes = tune_sysctls();
+    let have = |n: &str| which(n);
+    for tool in ["taskset", "wrk", "curl"] {
+        if have(tool).is_none() {
+            eprintln!("SKIPPED: the proxy benchmark needs {tool}");
+            return;
+        }
+    }
+    let h2 = have("h2load");
+    let haproxy = have("haproxy");
+    let nginx =
+        have("nginx").filter(|_| Path::new("/usr/lib/nginx/modules/ngx_stream_module.so").exists());
+    let mut skipped = Vec::new();
+    if haproxy.is_none() {
+        skipped.push("haproxy (not installed)");
+    }
+    if nginx.is_none() {
+        skipped.push("nginx (nginx or libnginx-mod-stream not installed)");
+    }
+    if h2.is_none() {
+        skipped.push("scenario e (h2load not installed)");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = apilb::demo::Ca::new("apilb-bench-ca").unwrap();
+    let ca_file = ca.write(d, "ca").unwrap();
+    let leaf = ca.server(&["127.0.0.1", "localhost"]).unwrap();
+    let (cert, key) = leaf.write(d, "server").unwrap();
+    let pem = d.join("haproxy.pem");
+    std::fs::write(&pem, format!("{}{}", leaf.cert_pem, leaf.key_pem)).unwrap();
+
+    let b = start_backends(&leaf.cert_pem, &leaf.key_pem);
+    pin_current_thread(0);
+
+    let mut arms: Vec<(String, Option<Proc>, Ports)> = vec![(
+        "direct".into(),
+        None,
+        Ports {
+            plain: b.plain[0].port(),
+            tls: b.tls[0].port(),
+            l7: b.tls[0].port(),
+        },
+    )];
+    let (p, ports) = start_apilb(d, &b, &ca_file, &cert, &key, false);
+    arms.push(("apilb".into(), Some(p), ports));
+    if let Some(bin) = &haproxy {
+        let (p, ports) = start_haproxy(bin, d, &b, &pem, "");
+        arms.push(("haproxy".into(), Some(p), ports));
+    }
+    if let Some(bin) = &nginx {
+        let (p, ports) = start_nginx(bin, d, &b, &cert, &key);
+        arms.push(("nginx".into(), Some(p), ports));
+    }
+    // Extra lines: HAProxy without splice (scenario a), health checks on (scenario b).
+    let mut extras: Vec<(String, Proc, Ports)> = Vec::new();
+    if let Some(bin) = &haproxy {
+        let (p, ports) = start_haproxy(bin, d, &b, &pem, "nosplice");
+        extras.push(("haproxy-nosplice".into(), p, ports));
+        let (p, ports) = start_haproxy(bin, d, &b, &pem, "hc");
+        extras.push(("haproxy+checks".into(), p, ports));
+    }
+    let (p, ports) = start_apilb(d, &b, &ca_file, &cert, &key, true);
+    extras.push(("apilb+checks".into(), p, ports));
+
+    let mut r = Results::default();
+    let secs = o.secs;
+    let rounds = if o.quick { o.runs } else { o.runs + 1 }; // first round warms up
+    let small_conc: &[usize] = if o.quick { &[16] } else { &[1, 16, 64] };
+    for round in 0..rounds {
+        let keep = o.quick || round > 0;
+        let rec = |r: &mut Results, s: &str, m: &str, arm: &str, v: f64| {
+            if keep {
+                r.add(s, m, arm, v);
+            }
+        };
+        eprintln!(
+            "round {}/{rounds}{}",
+            round + 1,
+            if keep { "" } else { " (warm-up)" }
+        );
+        // a: bulk throughput, L4 plain.
+        let bulk_arms: Vec<(&str, Option<u32>, u16)> = arms
+            .iter()
+            .map(|(n, p, ports)| (n.as_str(), p.as_ref().map(Proc::pid), ports.plain))
+            .chain(
+                extras
+                    .iter()
+                    .filter(|(n, ..)| n == "haproxy-nosplice")
+                    .map(|(n, p, ports)| (n.as_str(), Some(p.pid()), ports.plain)),
+            )
+            .collect();
+        for (name, pid, port) in &bulk_arms {
+            let cpu0 = pid.map(cpu_secs);
+            let w = wrk(secs, 4, &format!("http://127.0.0.1:{port}/large"), &[]);
+            let gib = w.bytes / (1u64 << 30) as f64;
+            rec(&mut r, "a bulk L4", "GiB/s (wrk -c4)", name, gib / w.secs);
+            if let (Some(pid), Some(c0)) = (pid, cpu0) {
+                rec(
+                    &mut r,
+                    "a bulk L4",
+                    "proxy CPU-s per GiB",
+                    name,
+                    (cpu_secs(*pid) - c0) / gib,
+                );
+            }
+            rec(
+                &mut r,
+                "a bulk L4",
+                "GiB/s (curl, one stream)",
+                name,
+                curl_one(&format!("http://127.0.0.1:{port}/large")),
+            );
+        }
+        // b: keep-alive small requests, plain and TLS passthrough.
+        for &c in small_conc {
+            for (kind, scheme) in [("plain", "http"), ("tls", "https")] {
+                let mut direct = (f64::NAN, f64::NAN);
+                for (name, _, ports) in &arms {
+                    let port = if kind == "plain" {
+                        ports.plain
+                    } else {
+                        ports.tls
+                    };
+                    let w = wrk(secs, c, &format!("{scheme}://127.0.0.1:{port}/1k"), &[]);
+                    let s = format!("b keep-alive 1 KiB, {kind}, c={c}");
+                    rec(&mut r, &s, "req/s", name, w.rps);
+                    if name == "direct" {
+                        direct = (w.p50_us, w.p99_us);
+                    } else {
+                        rec(&mut r, &s, "added p50 µs", name, w.p50_us - direct.0);
+                        rec(&mut r, &s, "added p99 µs", name, w.p99_us - direct.1);
+                    }
+                }
+            }
+        }
+        for (name, _, ports) in extras.iter().filter(|(n, ..)| n.ends_with("+checks")) {
+            let w = wrk(
+                secs,
+                16,
+                &format!("http://127.0.0.1:{}/1k", ports.plain),
+                &[],
+            );
+            rec(
+                &mut r,
+                "b keep-alive 1 KiB, plain, c=16",
+                "req/s",
+                name,
+                w.rps,
+            );
+        }
+        // c: new connections.
+        for (name, p, ports) in &arms {
+            let pid = p.as_ref().map(Proc::pid);
+            let cpu0 = pid.map(cpu_secs);
+            let w = wrk(
+                secs,
+                32,
+                &format!("http://127.0.0.1:{}/1k", ports.plain),
+                &["-H", "Connection: close"],
+            );
+            rec(&mut r, "c new connections", "connections/s", name, w.rps);
+            if let (Some(pid), Some(c0)) = (pid, cpu0) {
+                rec(
+                    &mut r,
+                    "c new connections",
+                    "proxy CPU-µs per connection",
+                    name,
+                    (cpu_secs(pid) - c0) * 1e6 / w.requests,
+                );
+            }
+        }
+        // d: idle long-lived connections (proxies only).
+        for (name, p, ports) in &arms {
+            let Some(p) = p else { continue };
+            let before = pss_kib(p.pid());
+            let conns = open_idle(SocketAddr::from(([127, 0, 0, 1], ports.plain)), IDLE_CONNS);
+            std::thread::sleep(Duration::from_millis(500));
+            let with = pss_kib(p.pid());
+            drop(conns);
+            std::thread::sleep(Duration::from_secs(1));
+            let after = pss_kib(p.pid());
+            rec(
+                &mut r,
+                "d 5,000 idle connections",
+                "KiB PSS per connection",
+                name,
+                (with - before) / IDLE_CONNS as f64,
+            );
+            rec(
+                &mut r,
+                "d 5,000 idle connections",
+                "KiB PSS kept after they left (total)",
+                name,
+                after - before,
+            );
+        }
+        // e: HTTP/2 over TLS, L7.
+        if h2.is_some() {
+            let warm = if o.quick { 0 } else { 3 };
+            let mut direct = (f64::NAN, f64::NAN);
+            for (name, _, ports) in &arms {
+                let url = format!("https://127.0.0.1:{}/1k", ports.l7);
+                let (rps, _, _) = h2load(secs, warm, 16, 32, &url, &d.join("h2.log"));
+                rec(&mut r, "e HTTP/2 L7", "req/s (c16 m32)", name, rps);
+                let (_, p50, p99) = h2load(secs, warm, 1, 1, &url, &d.join("h2.log"));
+                if name == "direct" {
+                    direct = (p50, p99);
+                } else {
+                    rec(
+                        &mut r,
+                        "e HTTP/2 L7",
+                        "added p50 µs (c1 m1)",
+                        name,
+                        p50 - direct.0,
+                    );
+                    rec(
+                        &mut r,
+                        "e HTTP/2 L7",
+                        "added p99 µs (c1 m1)",
+                        name,
+                        p99 - direct.1,
+                    );
+                }
+            }
+        }
+    }
+
+    let table = render(&r);
+    let cmd = format!(
+        "{}cargo bench --bench proxy",
+        [
+            ("APILB_BENCH_QUICK", o.quick.then(|| "1".to_string())),
+            ("APILB_BENCH_SECS", std::env::var("APILB_BENCH_SECS").ok()),
+            ("APILB_BENCH_RUNS", std::env::var("APILB_BENCH_RUNS").ok())
+        ]
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v} ")))
+        .collect::<String>()
+    );
+    let uname = version("uname", &["-sr"]);
+    let report = format!(
+        "# Benchmark results\n\n\
+         Date: {date} · machine: {cpus} cores, {uname} · command: `{cmd}`\n\n\
+         Protocol: ../shared/BENCHMARKS.md. Proxies pinned to CPU 1 with one worker (apilb `workers: 1`, HAProxy `nbthread 1`, nginx `worker_processes 1`); \
+         wrk/h2load/curl and the backends (three plain HTTP and three TLS listeners in one process) on CPU 0. \
+         {runs} measured run(s) of {secs} s per arm{warm}, arms interleaved; cells are median (min–max); ⚠ marks a spread above 5 %. \
+         Health checks off except in the `+checks` lines (2 s). HAProxy runs with `maxconn 7500` instead of the protocol's 50000, which would need 125,000 descriptors against this machine's hard limit of 20,000. nginx's L7 arm speaks HTTP/1.1 keep-alive upstream (nginx 1.22 cannot do HTTP/2 upstream); apilb and HAProxy use HTTP/2 upstream. \
+         Latency rows are microseconds added over the direct arm; their ratio columns are apilb's added latency ÷ the other's.\n\n\
+         Versions: apilb {apilb} · {haproxy} · {nginx} · {wrk} · {h2load} · open files limit {nofile}.\n\
+         {sysctl}{skipped}\n\
+         {table}\n\
+         Whole run: {total:.0} s.\n",
+        date = version("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        cpus = cpus,
+        runs = o.runs,
+        secs = secs,
+        warm = if o.quick { " (quick mode: no warm-up)" } else { " after one warm-up run" },
+        apilb = env!("CARGO_PKG_VERSION"),
+        haproxy = version("haproxy", &["-v"]),
+        nginx = version("nginx", &["-v"]),
+        wrk = version("wrk", &["--version"]).split(" Copyright").next().unwrap_or(""),
+        h2load = version("h2load", &["--version"]),
+        sysctl = if sysctl_notes.is_empty() { String::new() } else { format!("Sysctls: {}.\n", sysctl_notes.join("; ")) },
+        skipped = if skipped.is_empty() { String::new() } else { format!("Skipped: {}.\n", skipped.join("; ")) },
+        total = started.elapsed().as_secs_f64(),
+    );
+    println!("{report}");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/RESULTS.md");
+    if o.quick {
+        // A smoke run proves the harness works; it does not replace the results.
+        let quick = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-quick-RESULTS.md");
+        let _ = std::fs::write(&quick, &report);
+        eprintln!("quick mode: wrote {}", quick.display());
+    } else {
+        let notes = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| {
+                t.split_once("\n## Analysis")
+                    .map(|(_, a)| format!("\n## Analysis{a}"))
+            })
+            .unwrap_or_default();
+        std::fs::write(&path, format!("{report}{notes}")).unwrap();
+        eprintln!("wrote {}", path.display());
+    }
+    drop(extras);
+    drop(arms);
+}
