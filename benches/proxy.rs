@@ -5,7 +5,10 @@
 //! `cargo bench --bench proxy` runs the full protocol (20 s runs, a warm-up
 //! and 5 measured runs per arm). `APILB_BENCH_QUICK=1` makes one short run
 //! per arm (a smoke test for CI). `APILB_BENCH_SECS` and `APILB_BENCH_RUNS`
-//! override the duration and the number of measured runs.
+//! override the duration and the number of measured runs; `APILB_BENCH_ONLY`
+//! (e.g. `d,e`) runs only those scenarios and writes
+//! `target/bench-partial-RESULTS.md`; `APILB_BENCH_KEEP=1` keeps the temp dir
+//! with every proxy's config and log.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -31,6 +34,13 @@ struct Opts {
     quick: bool,
     secs: u64,
     runs: usize,
+    only: Option<String>,
+}
+
+impl Opts {
+    fn wants(&self, scenario: char) -> bool {
+        self.only.as_ref().is_none_or(|o| o.contains(scenario))
+    }
 }
 
 fn opts() -> Opts {
@@ -45,6 +55,9 @@ fn opts() -> Opts {
         quick,
         secs: num("APILB_BENCH_SECS", if quick { 1 } else { 20 }),
         runs: num("APILB_BENCH_RUNS", if quick { 1 } else { 5 }) as usize,
+        only: std::env::var("APILB_BENCH_ONLY")
+            .ok()
+            .filter(|v| !v.is_empty()),
     }
 }
 
@@ -451,8 +464,8 @@ fn start_nginx(bin: &Path, dir: &Path, b: &Backends, cert: &Path, key: &Path) ->
          stream {{\n    upstream api {{\n{}    }}\n    upstream api_tls {{\n{}    }}\n\
          \x20   server {{ listen 127.0.0.1:{} backlog=4096; proxy_pass api; proxy_connect_timeout 5s; proxy_timeout 1h; tcp_nodelay on; }}\n\
          \x20   server {{ listen 127.0.0.1:{} backlog=4096; proxy_pass api_tls; proxy_connect_timeout 5s; proxy_timeout 1h; tcp_nodelay on; }}\n}}\n\
-         http {{\n    access_log off;\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n\
-         \x20   upstream api_https {{\n{}        keepalive 64;\n    }}\n\
+         http {{\n    access_log off;\n    keepalive_requests 10000000;\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n\
+         \x20   upstream api_https {{\n{}        keepalive 1024;\n        keepalive_requests 10000000;\n    }}\n\
          \x20   server {{\n        listen 127.0.0.1:{} ssl http2 backlog=4096;\n        ssl_certificate {};\n        ssl_certificate_key {};\n\
          \x20       location / {{ proxy_pass https://api_https; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_ssl_verify off; proxy_buffering off; proxy_read_timeout 1h; }}\n    }}\n}}\n",
         ups(&b.plain),
@@ -846,7 +859,7 @@ fn main() {
                     .map(|(n, p, ports)| (n.as_str(), Some(p.pid()), ports.plain)),
             )
             .collect();
-        for (name, pid, port) in &bulk_arms {
+        for (name, pid, port) in bulk_arms.iter().filter(|_| o.wants('a')) {
             let cpu0 = pid.map(cpu_secs);
             let w = wrk(secs, 4, &format!("http://127.0.0.1:{port}/large"), &[]);
             let gib = w.bytes / (1u64 << 30) as f64;
@@ -869,7 +882,7 @@ fn main() {
             );
         }
         // b: keep-alive small requests, plain and TLS passthrough.
-        for &c in small_conc {
+        for &c in small_conc.iter().filter(|_| o.wants('b')) {
             for (kind, scheme) in [("plain", "http"), ("tls", "https")] {
                 let mut direct = (f64::NAN, f64::NAN);
                 for (name, _, ports) in &arms {
@@ -890,7 +903,10 @@ fn main() {
                 }
             }
         }
-        for (name, _, ports) in extras.iter().filter(|(n, ..)| n.ends_with("+checks")) {
+        for (name, _, ports) in extras
+            .iter()
+            .filter(|(n, ..)| n.ends_with("+checks") && o.wants('b'))
+        {
             let w = wrk(
                 secs,
                 16,
@@ -906,7 +922,7 @@ fn main() {
             );
         }
         // c: new connections.
-        for (name, p, ports) in &arms {
+        for (name, p, ports) in arms.iter().filter(|_| o.wants('c')) {
             let pid = p.as_ref().map(Proc::pid);
             let cpu0 = pid.map(cpu_secs);
             let w = wrk(
@@ -926,33 +942,49 @@ fn main() {
                 );
             }
         }
-        // d: idle long-lived connections (proxies only).
-        for (name, p, ports) in &arms {
-            let Some(p) = p else { continue };
-            let before = pss_kib(p.pid());
-            let conns = open_idle(SocketAddr::from(([127, 0, 0, 1], ports.plain)), IDLE_CONNS);
-            std::thread::sleep(Duration::from_millis(500));
-            let with = pss_kib(p.pid());
-            drop(conns);
-            std::thread::sleep(Duration::from_secs(1));
-            let after = pss_kib(p.pid());
-            rec(
-                &mut r,
-                "d 5,000 idle connections",
-                "KiB PSS per connection",
-                name,
-                (with - before) / IDLE_CONNS as f64,
-            );
-            rec(
-                &mut r,
-                "d 5,000 idle connections",
-                "KiB PSS kept after they left (total)",
-                name,
-                after - before,
-            );
+        // d: idle long-lived connections, against freshly started proxies:
+        // a process that already held 5,000 connections keeps its heap.
+        if o.wants('d') {
+            for name in ["apilb", "haproxy", "nginx"] {
+                let fresh = match name {
+                    "apilb" => Some(start_apilb(d, &b, &ca_file, &cert, &key, false)),
+                    "haproxy" => haproxy
+                        .as_ref()
+                        .map(|bin| start_haproxy(bin, d, &b, &pem, "")),
+                    _ => nginx
+                        .as_ref()
+                        .map(|bin| start_nginx(bin, d, &b, &cert, &key)),
+                };
+                let Some((p, ports)) = fresh else { continue };
+                let addr = SocketAddr::from(([127, 0, 0, 1], ports.plain));
+                // One connection first, so lazily built state is not counted.
+                drop(open_idle(addr, 1));
+                std::thread::sleep(Duration::from_millis(200));
+                let before = pss_kib(p.pid());
+                let conns = open_idle(addr, IDLE_CONNS);
+                std::thread::sleep(Duration::from_millis(500));
+                let with = pss_kib(p.pid());
+                drop(conns);
+                std::thread::sleep(Duration::from_secs(1));
+                let after = pss_kib(p.pid());
+                rec(
+                    &mut r,
+                    "d 5,000 idle connections",
+                    "KiB PSS per connection",
+                    name,
+                    (with - before) / IDLE_CONNS as f64,
+                );
+                rec(
+                    &mut r,
+                    "d 5,000 idle connections",
+                    "KiB PSS kept after they left (total)",
+                    name,
+                    after - before,
+                );
+            }
         }
         // e: HTTP/2 over TLS, L7.
-        if h2.is_some() {
+        if h2.is_some() && o.wants('e') {
             let warm = if o.quick { 0 } else { 3 };
             let mut direct = (f64::NAN, f64::NAN);
             for (name, _, ports) in &arms {
@@ -1001,7 +1033,7 @@ fn main() {
          Protocol: ../shared/BENCHMARKS.md. Proxies pinned to CPU 1 with one worker (apilb `workers: 1`, HAProxy `nbthread 1`, nginx `worker_processes 1`); \
          wrk/h2load/curl and the backends (three plain HTTP and three TLS listeners in one process) on CPU 0. \
          {runs} measured run(s) of {secs} s per arm{warm}, arms interleaved; cells are median (min–max); ⚠ marks a spread above 5 %. \
-         Health checks off except in the `+checks` lines (2 s). HAProxy runs with `maxconn 7500` instead of the protocol's 50000, which would need 125,000 descriptors against this machine's hard limit of 20,000. nginx's L7 arm speaks HTTP/1.1 keep-alive upstream (nginx 1.22 cannot do HTTP/2 upstream); apilb and HAProxy use HTTP/2 upstream. \
+         Health checks off except in the `+checks` lines (2 s). HAProxy runs with `maxconn 7500` instead of the protocol's 50000, which would need 125,000 descriptors against this machine's hard limit of 20,000. nginx's L7 arm speaks HTTP/1.1 keep-alive upstream (nginx 1.22 cannot do HTTP/2 upstream) with `keepalive 1024` idle upstream connections and `keepalive_requests` raised (its default of 1,000 closes busy HTTP/2 client connections mid-run); apilb and HAProxy use HTTP/2 upstream. Scenario d starts fresh proxy processes each round: a process that once held 5,000 connections keeps its heap. \
          Latency rows are microseconds added over the direct arm; their ratio columns are apilb's added latency ÷ the other's.\n\n\
          Versions: apilb {apilb} · {haproxy} · {nginx} · {wrk} · {h2load} · open files limit {nofile}.\n\
          {sysctl}{skipped}\n\
@@ -1023,7 +1055,11 @@ fn main() {
     );
     println!("{report}");
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/RESULTS.md");
-    if o.quick {
+    if o.only.is_some() {
+        let partial = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-partial-RESULTS.md");
+        let _ = std::fs::write(&partial, &report);
+        eprintln!("partial run: wrote {}", partial.display());
+    } else if o.quick {
         // A smoke run proves the harness works; it does not replace the results.
         let quick = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-quick-RESULTS.md");
         let _ = std::fs::write(&quick, &report);
@@ -1041,4 +1077,7 @@ fn main() {
     }
     drop(extras);
     drop(arms);
+    if std::env::var("APILB_BENCH_KEEP").as_deref() == Ok("1") {
+        eprintln!("kept {}", dir.keep().display());
+    }
 }

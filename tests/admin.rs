@@ -261,3 +261,70 @@ async fn a_real_prometheus_sees_backends_go_down() {
     h.shutdown();
     h.wait().await;
 }
+
+/// The servers that carry a series of `family` in one scrape.
+fn servers_in(text: &str, family: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| l.starts_with(family) && l[family.len()..].starts_with('{'))
+        .filter_map(|l| {
+            l.split("server=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .map(String::from)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_during_reloads_sees_a_consistent_set_of_series() {
+    let b: Vec<EchoBackend> = vec![
+        EchoBackend::start("a").await,
+        EchoBackend::start("b").await,
+        EchoBackend::start("c").await,
+    ];
+    let all: Vec<SocketAddr> = b.iter().map(|x| x.addr).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("apilb.yaml");
+    let text = |n: usize| l4_yaml(&all[..n], "    health:\n      check: none\n");
+    write_atomic(&path, &text(3));
+    let h = start_file(&path).await;
+    let admin = h.admin_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut scrapes = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (_, m) = admin_get(admin, "/metrics").await;
+                let up = servers_in(&m, "apilb_backend_up");
+                for family in [
+                    "apilb_backend_active_connections",
+                    "apilb_backend_connections_total",
+                    "apilb_backend_bytes_total",
+                    "apilb_health_checks_total",
+                ] {
+                    assert_eq!(
+                        servers_in(&m, family),
+                        up,
+                        "{family} disagrees with apilb_backend_up in one scrape"
+                    );
+                }
+                assert!(up.len() == 2 || up.len() == 3, "{up:?}");
+                scrapes += 1;
+            }
+            scrapes
+        })
+    };
+    for i in 0..20u64 {
+        write_atomic(&path, &text(if i % 2 == 0 { 2 } else { 3 }));
+        wait_for("the reload", Duration::from_secs(5), || async {
+            (reloads(&h).0 > i).then_some(())
+        })
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scrapes = scraper.await.unwrap();
+    assert!(scrapes >= 20, "scraped during the reloads ({scrapes})");
+    h.shutdown();
+    h.wait().await;
+}

@@ -411,3 +411,41 @@ async fn kubectl_get_raw_version_through_apilb() {
     h.shutdown();
     h.wait().await;
 }
+
+#[tokio::test]
+async fn accept_errors_back_off_and_the_listener_survives_emfile() {
+    let a = EchoBackend::start("a").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("apilb.yaml");
+    std::fs::write(&cfg, l4_yaml(&[a.addr], "    health:\n      check: none\n")).unwrap();
+    // 64 descriptors: a few dozen proxied connections exhaust them.
+    let d = Daemon::start_with_nofile(&cfg, 64);
+    let addr = d.frontend_addr("fe").await;
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        held.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let line = d.wait_log("accept failed; backing off", None).await;
+    assert!(
+        line["error"]
+            .as_str()
+            .unwrap()
+            .contains("Too many open files"),
+        "{line}"
+    );
+    drop(held);
+    // Descriptors free up: the same listener serves again.
+    wait_for("apilb to serve again", Duration::from_secs(10), || async {
+        match echo_connect(addr).await {
+            Ok((mut s, _)) => echo_roundtrip(&mut s, "back").await.ok(),
+            Err(_) => None,
+        }
+    })
+    .await;
+    for i in 0..20 {
+        let (mut s, _) = echo_connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        echo_roundtrip(&mut s, "ok").await.unwrap();
+    }
+}

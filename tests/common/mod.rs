@@ -378,7 +378,33 @@ impl Daemon {
 
     /// Starts `apilb run -c CONFIG EXTRA...`.
     pub fn start_args(config: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(apilb_bin())
+        Self::spawn(config, extra, None)
+    }
+
+    /// Starts the daemon with at most `nofile` open files (RLIMIT_NOFILE).
+    pub fn start_with_nofile(config: &Path, nofile: u64) -> Self {
+        Self::spawn(config, &[], Some(nofile))
+    }
+
+    fn spawn(config: &Path, extra: &[&str], nofile: Option<u64>) -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(apilb_bin());
+        if let Some(n) = nofile {
+            // SAFETY: setrlimit is async-signal-safe and touches only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .args(["--log-format", "json", "--log-level", "debug", "run", "-c"])
             .arg(config)
             .args(extra)
