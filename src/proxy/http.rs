@@ -158,7 +158,9 @@ pub async fn serve_conn(
     });
     let svc = service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(proxy(conn, req).await) }
+        // Boxed: hyper spawns a task per HTTP/2 stream, and moving this
+        // large future by value was a fifth of L7 CPU time (memmove).
+        async move { Ok::<_, Infallible>(Box::pin(proxy(conn, req)).await) }
     });
     if h2 {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
