@@ -65,6 +65,7 @@ async fn sigterm_drains_within_grace_and_exits_zero() {
     .unwrap();
     let mut d = Daemon::start(&cfg);
     let addr = d.frontend_addr("fe").await;
+    let admin = d.admin_addr().await;
 
     // A short stream (20 lines, ~2 s) and an endless one.
     let mut short = TcpStream::connect(addr).await.unwrap();
@@ -85,6 +86,10 @@ async fn sigterm_drains_within_grace_and_exits_zero() {
         TcpStream::connect(addr).await.is_err().then_some(())
     })
     .await;
+    // The admin server stays up through the drain and says why it is not ready.
+    let (code, body) = admin_get(admin, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("shutting down"), "{body}");
 
     let (short_lines, short_end) = short_task.await.unwrap();
     assert_eq!(
