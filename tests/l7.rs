@@ -227,20 +227,7 @@ async fn kubectl_with_a_token_gets_version_and_a_streaming_watch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_http2_connection_spreads_300_requests_over_three_backends() {
     let l7 = L7::start(false, "https", "").await;
-    let tcp = TcpStream::connect(l7.addr()).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("kubernetes").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(l7.tls(None, &[b"h2"]))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_client(&l7).await;
     let mut counts: HashMap<String, usize> = HashMap::new();
     for _ in 0..300 {
         let req = hyper::Request::get(format!("https://{}/whoami", l7.addr()))
@@ -579,6 +566,11 @@ async fn h2_client(l7: &L7) -> hyper::client::conn::http2::SendRequest<Empty<Byt
         .connect(name, tcp)
         .await
         .unwrap();
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "apilb negotiates HTTP/2"
+    );
     let (send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tls),

@@ -131,12 +131,11 @@ pub struct Resp {
     pub body: Bytes,
 }
 
-/// GET over a fresh TLS connection (no pooling: every call is a new connection).
-pub async fn https_get(
+/// An HTTP/1.1 client connection over a fresh TLS connection (SNI "kubernetes").
+pub async fn tls_http1(
     addr: SocketAddr,
-    path: &str,
     tls: Arc<rustls::ClientConfig>,
-) -> Result<Resp, String> {
+) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>, String> {
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -145,11 +144,20 @@ pub async fn https_get(
         .connect(name, tcp)
         .await
         .map_err(|e| format!("tls: {e}"))?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(conn);
+    Ok(send)
+}
+
+/// GET over a fresh TLS connection (no pooling: every call is a new connection).
+pub async fn https_get(
+    addr: SocketAddr,
+    path: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Resp, String> {
+    let mut send = tls_http1(addr, tls).await?;
     let req = hyper::Request::get(path)
         .header("host", "kubernetes")
         .body(Empty::<Bytes>::new())
@@ -499,19 +507,7 @@ pub async fn https_stream(
     path: &str,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<(Option<String>, hyper::body::Incoming), String> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let name = rustls::pki_types::ServerName::try_from("kubernetes").unwrap();
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("tls: {e}"))?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-    tokio::spawn(conn);
+    let mut send = tls_http1(addr, tls).await?;
     let req = hyper::Request::get(path)
         .header("host", "kubernetes")
         .body(Empty::<Bytes>::new())
