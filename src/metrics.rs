@@ -57,6 +57,15 @@ pub mod reject {
     pub const TLS_HANDSHAKE: &str = "tls_handshake";
     /// L7: a malformed or smuggling-shaped HTTP/1 request (answered 400/431).
     pub const BAD_REQUEST: &str = "bad_request";
+    /// Every reason, for removing a frontend's series.
+    pub const ALL: [&str; 6] = [
+        MAX_CONNECTIONS,
+        ALL_DOWN,
+        CONNECT_FAILED,
+        SHUTDOWN,
+        TLS_HANDSHAKE,
+        BAD_REQUEST,
+    ];
 }
 
 pub struct Metrics {
@@ -386,14 +395,7 @@ impl Metrics {
         let _ = self.frontend_connections.remove_label_values(&[name]);
         let _ = self.frontend_active.remove_label_values(&[name]);
         let _ = self.frontend_max.remove_label_values(&[name]);
-        for r in [
-            reject::MAX_CONNECTIONS,
-            reject::ALL_DOWN,
-            reject::CONNECT_FAILED,
-            reject::SHUTDOWN,
-            reject::TLS_HANDSHAKE,
-            reject::BAD_REQUEST,
-        ] {
+        for r in reject::ALL {
             let _ = self.frontend_rejected.remove_label_values(&[name, r]);
         }
     }

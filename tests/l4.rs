@@ -394,13 +394,7 @@ async fn kubectl_get_raw_version_through_apilb() {
         "test-token",
     )
     .unwrap();
-    let out = tokio::process::Command::new(kubectl)
-        .arg("--kubeconfig")
-        .arg(&kc)
-        .args(["get", "--raw", "/version"])
-        .output()
-        .await
-        .unwrap();
+    let out = kubectl_raw(&kubectl, &kc, "/version").await;
     assert!(
         out.status.success(),
         "kubectl failed: {}",

@@ -162,13 +162,7 @@ async fn kubectl_with_a_token_gets_version_and_a_streaming_watch() {
         "secret-token",
     )
     .unwrap();
-    let out = tokio::process::Command::new(&kubectl)
-        .arg("--kubeconfig")
-        .arg(&kc)
-        .args(["get", "--raw", "/version"])
-        .output()
-        .await
-        .unwrap();
+    let out = kubectl_raw(&kubectl, &kc, "/version").await;
     assert!(
         out.status.success(),
         "{}",
@@ -177,13 +171,7 @@ async fn kubectl_with_a_token_gets_version_and_a_streaming_watch() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["gitVersion"], apilb::demo::fake::FAKE_GIT_VERSION);
     // The bearer token reaches the apiserver unchanged, without a client cert.
-    let out = tokio::process::Command::new(&kubectl)
-        .arg("--kubeconfig")
-        .arg(&kc)
-        .args(["get", "--raw", "/whoami"])
-        .output()
-        .await
-        .unwrap();
+    let out = kubectl_raw(&kubectl, &kc, "/whoami").await;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(header(&v, "authorization"), ["Bearer secret-token"]);
     assert_eq!(v["client_cn"], serde_json::Value::Null);

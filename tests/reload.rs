@@ -222,11 +222,7 @@ async fn corrupt_writes_are_refused_and_the_old_config_keeps_serving() {
     let (_, m) = admin_get(admin, "/metrics").await;
     assert_eq!(metric(&m, "apilb_config_last_reload_successful"), Some(1.0));
     assert!(metric(&m, "apilb_config_last_reload_success_timestamp_seconds").unwrap() >= ts_before);
-    wait_for("b to serve", Duration::from_secs(5), || async {
-        let (_, name) = echo_connect(fe(&h)).await.unwrap();
-        (name == "b").then_some(())
-    })
-    .await;
+    wait_serves(fe(&h), "b").await;
     h.shutdown();
     h.wait().await;
 }
@@ -253,15 +249,7 @@ async fn a_configmap_style_data_symlink_swap_is_applied() {
     std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
     std::fs::remove_dir_all(&v1).unwrap();
     wait_successes(&h, 1).await;
-    wait_for(
-        "b to serve after the ..data swap",
-        Duration::from_secs(5),
-        || async {
-            let (_, name) = echo_connect(fe(&h)).await.unwrap();
-            (name == "b").then_some(())
-        },
-    )
-    .await;
+    wait_serves(fe(&h), "b").await;
     h.shutdown();
     h.wait().await;
 }

@@ -38,6 +38,17 @@ async fn streaming_backend() -> std::net::SocketAddr {
     addr
 }
 
+/// The built binary in front of `backend` with this `shutdown_grace`.
+fn daemon_with_grace(backend: std::net::SocketAddr, grace: &str) -> (tempfile::TempDir, Daemon) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("apilb.yaml");
+    let yaml = l4_yaml(&[backend], "    health:\n      check: none\n")
+        .replace("shutdown_grace: 2s", &format!("shutdown_grace: {grace}"));
+    std::fs::write(&cfg, yaml).unwrap();
+    let d = Daemon::start(&cfg);
+    (tmp, d)
+}
+
 /// Reads lines until EOF or error; returns how many and when it ended.
 async fn drain_lines(s: TcpStream) -> (usize, Instant) {
     let mut r = BufReader::new(s);
@@ -55,15 +66,7 @@ async fn drain_lines(s: TcpStream) -> (usize, Instant) {
 #[tokio::test]
 async fn sigterm_drains_within_grace_and_exits_zero() {
     let backend = streaming_backend().await;
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("apilb.yaml");
-    std::fs::write(
-        &cfg,
-        l4_yaml(&[backend], "    health:\n      check: none\n")
-            .replace("shutdown_grace: 2s", "shutdown_grace: 3s"),
-    )
-    .unwrap();
-    let mut d = Daemon::start(&cfg);
+    let (_tmp, mut d) = daemon_with_grace(backend, "3s");
     let addr = d.frontend_addr("fe").await;
     let admin = d.admin_addr().await;
 
@@ -122,15 +125,7 @@ async fn sigterm_drains_within_grace_and_exits_zero() {
 #[tokio::test]
 async fn sigterm_with_nothing_open_exits_at_once() {
     let backend = streaming_backend().await;
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("apilb.yaml");
-    std::fs::write(
-        &cfg,
-        l4_yaml(&[backend], "    health:\n      check: none\n")
-            .replace("shutdown_grace: 2s", "shutdown_grace: 30s"),
-    )
-    .unwrap();
-    let mut d = Daemon::start(&cfg);
+    let (_tmp, mut d) = daemon_with_grace(backend, "30s");
     d.frontend_addr("fe").await;
     let t = Instant::now();
     d.signal(libc::SIGINT);

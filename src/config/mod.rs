@@ -165,7 +165,7 @@ pub struct ServerConfig {
     pub addr: SocketAddr,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct UpstreamTls {
     pub ca_file: Option<PathBuf>,
     pub server_name: Option<String>,

@@ -113,13 +113,7 @@ fn clients(material: impl Fn() -> Result<ClientMaterial, TlsError>) -> Result<Cl
 impl Upstream {
     /// Reads the pool's TLS files; an error refuses the reload.
     pub fn new(pool: &PoolConfig) -> Result<Self, TlsError> {
-        let t = pool.tls.clone().unwrap_or(crate::config::UpstreamTls {
-            ca_file: None,
-            server_name: None,
-            front_proxy_cert_file: None,
-            front_proxy_key_file: None,
-            insecure_skip_verify: false,
-        });
+        let t = pool.tls.clone().unwrap_or_default();
         let plain = clients(|| {
             ClientMaterial::from_files(t.ca_file.as_deref(), None, None, t.insecure_skip_verify)
         })?;

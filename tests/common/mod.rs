@@ -151,26 +151,39 @@ pub async fn tls_http1(
     Ok(send)
 }
 
+/// Sends a GET over a fresh TLS connection and returns the response head
+/// with its (unread) body.
+async fn https_response(
+    addr: SocketAddr,
+    path: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let mut send = tls_http1(addr, tls).await?;
+    let req = hyper::Request::get(path)
+        .header("host", "kubernetes")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    send.send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))
+}
+
+/// The fake apiserver that answered.
+fn fake_server(resp: &hyper::Response<hyper::body::Incoming>) -> Option<String> {
+    resp.headers()
+        .get("x-fake-server")
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
 /// GET over a fresh TLS connection (no pooling: every call is a new connection).
 pub async fn https_get(
     addr: SocketAddr,
     path: &str,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Resp, String> {
-    let mut send = tls_http1(addr, tls).await?;
-    let req = hyper::Request::get(path)
-        .header("host", "kubernetes")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let resp = send
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
+    let resp = https_response(addr, path, tls).await?;
     let status = resp.status().as_u16();
-    let server = resp
-        .headers()
-        .get("x-fake-server")
-        .map(|v| v.to_str().unwrap().to_string());
+    let server = fake_server(&resp);
     let body = resp
         .into_body()
         .collect()
@@ -507,19 +520,8 @@ pub async fn https_stream(
     path: &str,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<(Option<String>, hyper::body::Incoming), String> {
-    let mut send = tls_http1(addr, tls).await?;
-    let req = hyper::Request::get(path)
-        .header("host", "kubernetes")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let resp = send
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
-    let server = resp
-        .headers()
-        .get("x-fake-server")
-        .map(|v| v.to_str().unwrap().to_string());
+    let resp = https_response(addr, path, tls).await?;
+    let server = fake_server(&resp);
     Ok((server, resp.into_body()))
 }
 
@@ -567,4 +569,28 @@ pub fn reloads(h: &apilb::Handle) -> (u64, u64) {
 pub async fn start_file(path: &Path) -> apilb::Handle {
     let cfg = apilb::config::load(path).unwrap_or_else(|e| panic!("{e}"));
     apilb::start(cfg).await.unwrap()
+}
+
+/// `kubectl --kubeconfig KUBECONFIG get --raw PATH`.
+pub async fn kubectl_raw(kubectl: &Path, kubeconfig: &Path, path: &str) -> std::process::Output {
+    tokio::process::Command::new(kubectl)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["get", "--raw", path])
+        .output()
+        .await
+        .unwrap()
+}
+
+/// Waits until a new connection through `addr` reaches the echo backend `name`.
+pub async fn wait_serves(addr: SocketAddr, name: &str) {
+    wait_for(
+        &format!("{name} to serve"),
+        Duration::from_secs(5),
+        || async {
+            let (_, got) = echo_connect(addr).await.unwrap();
+            (got == name).then_some(())
+        },
+    )
+    .await;
 }
