@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::Mode;
-use crate::runtime::Shared;
+use crate::snapshot::Shared;
 
 /// An admin client that sends no request line within this is closed.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -151,11 +151,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 .backends
                 .iter()
                 .map(|b| {
-                    let probe = b
-                        .last_probe
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clone();
+                    let probe = snap.monitor(b).and_then(|m| m.last_probe());
                     json!({
                         "server": b.server.key,
                         "addr": b.server.addr.to_string(),

@@ -1,34 +1,40 @@
 //! Pools and backends: the health flag, open-connection counts and `pick()`.
 //!
 //! Everything here is read on the accept path, so it is atomics only: `pick()`
-//! takes no lock and allocates nothing.
+//! takes no lock and allocates nothing. The health state machine lives in
+//! `health`; a backend only holds the flag it publishes and a weak callback
+//! through which traffic reports connect failures (passive health).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock, Weak};
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AllDownPolicy, Balance, PoolConfig, ServerConfig};
-use crate::health::{HealthState, ProbeReport};
 use crate::metrics::BackendMetrics;
+
+/// Where client traffic reports a backend fault (implemented by `health`).
+pub trait HealthSink: Send + Sync {
+    /// A connect or upstream handshake failed because of the backend.
+    fn passive_failure(&self, detail: &str);
+}
 
 /// One server of one pool. Shared (by `Arc`) between the snapshot, the health
 /// task and every connection to it; carried across reloads while the server stays.
 pub struct Backend {
     pub pool: Arc<str>,
     pub server: ServerConfig,
-    /// Read by `pick()`; written only through `health`.
+    /// Read by `pick()`; written only by this backend's health monitor, under
+    /// its state-machine lock, so flag and state never disagree.
     healthy: AtomicBool,
     /// Open client connections (and connects in flight): least-connections reads it.
     active: AtomicUsize,
     /// Unix seconds of the last state change; for `/status`.
     since: AtomicU64,
-    /// The rise/fall state machine. A std Mutex: probes and connect failures
-    /// update it (never the byte path) and nothing awaits while holding it.
-    pub(crate) health: Mutex<HealthState>,
-    /// The last probe's result, for `/status`.
-    pub(crate) last_probe: Mutex<Option<ProbeReport>>,
+    /// The health monitor, attached once; weak so a removed backend's
+    /// monitor can go away while connections still hold the backend.
+    sink: OnceLock<Weak<dyn HealthSink>>,
     /// Cancelled to close every open connection to this backend (drain after
     /// removal, `close_after_down`); replaced by a fresh token each time.
     kill: ArcSwap<CancellationToken>,
@@ -51,8 +57,7 @@ impl Backend {
             healthy: AtomicBool::new(healthy),
             active: AtomicUsize::new(0),
             since: AtomicU64::new(unix_now()),
-            health: Mutex::new(HealthState::new(healthy)),
-            last_probe: Mutex::new(None),
+            sink: OnceLock::new(),
             kill: ArcSwap::from_pointee(CancellationToken::new()),
             removed: AtomicBool::new(false),
             metrics,
@@ -63,8 +68,8 @@ impl Backend {
         self.healthy.load(Relaxed)
     }
 
-    /// Only the health module calls this (after a state-machine transition).
-    pub(crate) fn set_healthy(&self, up: bool) {
+    /// Only the health monitor calls this, holding its state-machine lock.
+    pub fn set_healthy(&self, up: bool) {
         self.healthy.store(up, Relaxed);
         self.since.store(unix_now(), Relaxed);
         self.metrics.up.set(up as i64);
@@ -73,6 +78,18 @@ impl Backend {
     /// Unix time of the last up/down change (or of creation).
     pub fn since(&self) -> u64 {
         self.since.load(Relaxed)
+    }
+
+    /// Attaches the health monitor (once; later calls are ignored).
+    pub fn attach_health(&self, sink: Weak<dyn HealthSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// Client traffic saw a backend fault: feeds passive health.
+    pub fn report_failure(&self, detail: &str) {
+        if let Some(sink) = self.sink.get().and_then(Weak::upgrade) {
+            sink.passive_failure(detail);
+        }
     }
 
     pub fn active(&self) -> usize {
@@ -127,6 +144,9 @@ impl Drop for ActiveGuard {
 pub struct PoolState {
     /// True while no backend is up; flips produce exactly one log line each.
     pub all_down: AtomicBool,
+    /// Round-robin position; `fetch_add(1, Relaxed)` per pick. Kept across
+    /// reloads so a reload does not send the next connection to server 0.
+    rr: AtomicUsize,
 }
 
 /// A pool as the current snapshot sees it.
@@ -135,8 +155,6 @@ pub struct Pool {
     pub config: PoolConfig,
     pub backends: Vec<Arc<Backend>>,
     pub state: Arc<PoolState>,
-    /// Round-robin position; `fetch_add(1, Relaxed)` per pick.
-    rr: AtomicUsize,
 }
 
 impl Pool {
@@ -146,7 +164,6 @@ impl Pool {
             config,
             backends,
             state,
-            rr: AtomicUsize::new(0),
         }
     }
 
@@ -179,12 +196,21 @@ impl Pool {
                 if count == 0 {
                     return None;
                 }
-                let k = self.rr.fetch_add(1, Relaxed) % count;
-                (0..n).filter(|&i| eligible(i)).nth(k)
+                let k = self.state.rr.fetch_add(1, Relaxed) % count;
+                // Health may flip between the two passes: then any server
+                // still eligible serves, never a spurious `None`.
+                let mut first = None;
+                for (seen, i) in (0..n).filter(|&i| eligible(i)).enumerate() {
+                    if seen == k {
+                        return Some(i);
+                    }
+                    first.get_or_insert(i);
+                }
+                first
             }
             Balance::LeastConnections => {
                 // Ties rotate so equal servers share the load.
-                let start = self.rr.fetch_add(1, Relaxed);
+                let start = self.state.rr.fetch_add(1, Relaxed);
                 let mut best: Option<(usize, usize)> = None;
                 for j in 0..n {
                     let i = (start + j) % n;
@@ -216,6 +242,10 @@ mod tests {
     use crate::metrics::Metrics;
 
     fn pool(balance: &str, policy: &str) -> (Pool, Metrics) {
+        pool_with_state(balance, policy, Default::default())
+    }
+
+    fn pool_with_state(balance: &str, policy: &str, state: Arc<PoolState>) -> (Pool, Metrics) {
         let yaml = format!(
             "frontends: [{{name: f, listen: '127.0.0.1:0', pool: p}}]\n\
              pools: [{{name: p, balance: {balance}, when_all_down: {policy},\n\
@@ -236,7 +266,7 @@ mod tests {
                 ))
             })
             .collect();
-        (Pool::new(pc, backends, Default::default()), m)
+        (Pool::new(pc, backends, state), m)
     }
 
     #[test]
@@ -284,6 +314,40 @@ mod tests {
         assert_eq!(p.pick(&[]), Some(2));
         let tie = p.pick(&[2]).unwrap();
         assert!(tie == 0 || tie == 1, "equal loads: either, got {tie}");
+    }
+
+    #[test]
+    fn round_robin_position_survives_a_rebuilt_pool() {
+        let state: Arc<PoolState> = Default::default();
+        let (p, _m) = pool_with_state("round-robin", "try-all", state.clone());
+        assert_eq!(p.pick(&[]), Some(0));
+        // A reload builds a new Pool with the same state: it goes on at 1.
+        let (p2, _m2) = pool_with_state("round-robin", "try-all", state);
+        assert_eq!(p2.pick(&[]), Some(1));
+    }
+
+    #[test]
+    fn pick_never_answers_none_while_a_server_is_up_under_flapping() {
+        let (p, _m) = pool("round-robin", "reject");
+        let p = Arc::new(p);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let (p, stop) = (p.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut up = false;
+                while !stop.load(Relaxed) {
+                    p.backends[1].set_healthy(up);
+                    p.backends[2].set_healthy(!up);
+                    up = !up;
+                }
+            })
+        };
+        // Server 0 stays up throughout: every pick must find a server.
+        for i in 0..200_000 {
+            assert!(p.pick(&[]).is_some(), "pick {i} found nothing");
+        }
+        stop.store(true, Relaxed);
+        flipper.join().unwrap();
     }
 
     #[test]

@@ -1,10 +1,13 @@
-//! Health checking: one probe task per backend, the rise/fall state machine,
-//! passive failures from client traffic, and logging of state changes only.
+//! Health checking: one `Monitor` per backend owns the rise/fall state machine
+//! and is the only writer of the backend's up flag; one probe task per
+//! backend feeds it, client traffic reports passive failures to it, and it
+//! tells its owner about transitions through `Events`. Logs state changes only.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -12,9 +15,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::balancer::{unix_now, Backend};
+use crate::balancer::{unix_now, Backend, HealthSink};
 use crate::config::{CheckKind, HealthConfig, ProbeTls};
-use crate::runtime::Shared;
 use crate::tls::{self, ClientMaterial};
 
 /// The most of a probe response apilb reads: status line and headers.
@@ -103,56 +105,123 @@ pub struct ProbeReport {
     pub detail: String,
 }
 
-/// Feeds a result into a backend's state machine and publishes a change.
-fn record(
-    shared: &Shared,
-    backend: &Backend,
-    cfg: &HealthConfig,
-    ok: bool,
-    passive: bool,
-    detail: &str,
-) {
-    let change = {
-        let mut st = backend.health.lock().unwrap_or_else(|p| p.into_inner());
-        if passive {
-            st.passive_failure(cfg.fall)
-        } else {
-            st.observe(ok, cfg.rise, cfg.fall)
-        }
-    };
-    let Some(up) = change else { return };
-    if backend.is_removed() {
-        return;
-    }
-    backend.set_healthy(up);
-    let source = if passive { "connect" } else { "probe" };
-    if up {
-        info!(pool = %backend.pool, server = %backend.server.key, reason = detail, "backend up");
-    } else {
-        warn!(pool = %backend.pool, server = %backend.server.key, source, reason = detail, "backend down");
-    }
-    shared.pool_changed(&backend.pool);
+/// Told about every up/down transition of a backend (the pool gauges and the
+/// all-down log line live with the owner of the pools).
+pub trait Events: Send + Sync {
+    fn backend_changed(&self, backend: &Backend, up: bool);
 }
 
-/// A connect on client traffic failed: passive health.
-pub fn connect_failed(shared: &Shared, backend: &Backend, cfg: &HealthConfig, detail: &str) {
-    // With `check: none` nothing would ever bring it back up.
-    if cfg.check != CheckKind::None {
-        record(shared, backend, cfg, false, true, detail);
-    }
-}
-
-/// Starts the probe loop of one backend. It stops when `stop` is cancelled.
-pub fn spawn(
-    shared: Arc<Shared>,
+/// The health of one backend: its state machine, its last probe, and the
+/// settings probes and passive reports are judged by.
+pub struct Monitor {
     backend: Arc<Backend>,
-    cfg: HealthConfig,
-    stop: CancellationToken,
-) {
+    cfg: ArcSwap<HealthConfig>,
+    /// A std Mutex: probes and connect failures update it (never the byte
+    /// path) and nothing awaits while holding it. The backend's flag is
+    /// written under it, so the two never disagree.
+    state: Mutex<HealthState>,
+    last_probe: Mutex<Option<ProbeReport>>,
+    events: Arc<dyn Events>,
+}
+
+impl Monitor {
+    /// A monitor for `backend`, attached to it for passive reports. `up` is
+    /// the state the backend starts in (its flag is set to match).
+    pub fn new(
+        backend: Arc<Backend>,
+        cfg: HealthConfig,
+        up: bool,
+        events: Arc<dyn Events>,
+    ) -> Arc<Self> {
+        backend.set_healthy(up);
+        let m = Arc::new(Monitor {
+            backend,
+            cfg: ArcSwap::from_pointee(cfg),
+            state: Mutex::new(HealthState::new(up)),
+            last_probe: Mutex::new(None),
+            events,
+        });
+        let sink: Arc<dyn HealthSink> = m.clone();
+        m.backend.attach_health(Arc::downgrade(&sink));
+        m
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    /// New rise/fall/probe settings from a reload; the state carries over.
+    pub fn set_config(&self, cfg: HealthConfig) {
+        self.cfg.store(Arc::new(cfg));
+    }
+
+    pub fn last_probe(&self) -> Option<ProbeReport> {
+        lock(&self.last_probe).clone()
+    }
+
+    fn record(&self, ok: bool, passive: bool, detail: &str) {
+        let cfg = self.cfg.load();
+        let b = &self.backend;
+        let change = {
+            let mut st = lock(&self.state);
+            let change = if passive {
+                st.passive_failure(cfg.fall)
+            } else {
+                st.observe(ok, cfg.rise, cfg.fall)
+            };
+            if let Some(up) = change {
+                b.set_healthy(up);
+            }
+            change
+        };
+        let Some(up) = change else { return };
+        if b.is_removed() {
+            return;
+        }
+        let source = if passive { "connect" } else { "probe" };
+        if up {
+            info!(pool = %b.pool, server = %b.server.key, reason = detail, "backend up");
+        } else {
+            warn!(pool = %b.pool, server = %b.server.key, source, reason = detail, "backend down");
+        }
+        self.events.backend_changed(b, up);
+    }
+
+    /// Closes the backend's client connections once per down period, when
+    /// `close_after_down` has passed.
+    fn close_if_down_too_long(&self, after: Duration) {
+        let b = &self.backend;
+        let close = lock(&self.state).should_close_connections(after);
+        if close && b.active() > 0 {
+            warn!(pool = %b.pool, server = %b.server.key, open = b.active(),
+                "closing client connections to a backend down for {}", humantime::format_duration(after));
+            b.close_connections();
+        }
+    }
+}
+
+impl HealthSink for Monitor {
+    fn passive_failure(&self, detail: &str) {
+        // With `check: none` nothing would ever bring it back up.
+        if self.cfg.load().check != CheckKind::None {
+            self.record(false, true, detail);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts the probe loop of a monitor with its current settings. It stops
+/// when `stop` is cancelled (a reload that changes the settings restarts it).
+pub fn spawn(monitor: Arc<Monitor>, stop: CancellationToken) {
+    let cfg = (**monitor.cfg.load()).clone();
     if cfg.check == CheckKind::None {
         return;
     }
     tokio::spawn(async move {
+        let backend = monitor.backend.clone();
         let mut prober = Prober::new(&backend, &cfg);
         // Spread first probes so pools don't fire in lockstep, yet start at once.
         let jitter = cfg.interval.mul_f64(fastrand::f64() * 0.1);
@@ -183,24 +252,15 @@ pub fn spawn(
                     (false, e)
                 }
             };
-            *backend.last_probe.lock().unwrap_or_else(|p| p.into_inner()) = Some(ProbeReport {
+            *lock(&monitor.last_probe) = Some(ProbeReport {
                 at: unix_now(),
                 ok,
                 latency_ms: took.as_secs_f64() * 1000.0,
                 detail: detail.clone(),
             });
-            record(&shared, &backend, &cfg, ok, false, &detail);
+            monitor.record(ok, false, &detail);
             if let Some(after) = cfg.close_after_down {
-                let close = backend
-                    .health
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .should_close_connections(after);
-                if close && backend.active() > 0 {
-                    warn!(pool = %backend.pool, server = %backend.server.key, open = backend.active(),
-                        "closing client connections to a backend down for {}", humantime::format_duration(after));
-                    backend.close_connections();
-                }
+                monitor.close_if_down_too_long(after);
             }
         }
     });
@@ -435,6 +495,58 @@ mod tests {
         assert!(
             s.should_close_connections(after),
             "again after a new down period"
+        );
+    }
+
+    struct NoEvents;
+    impl Events for NoEvents {
+        fn backend_changed(&self, _: &Backend, _: bool) {}
+    }
+
+    /// Probe results and passive failures racing from many threads never
+    /// leave the flag opposite to the state machine: one writer, one lock.
+    #[tokio::test]
+    async fn flag_and_state_never_disagree_under_racing_reports() {
+        let cfg = crate::config::parse(
+            "frontends: [{name: f, listen: '127.0.0.1:0', pool: p}]\n\
+             pools: [{name: p, servers: ['127.0.0.1:1'], health: {rise: 1, fall: 1}}]",
+        )
+        .unwrap();
+        let pc = &cfg.pools[0];
+        let metrics = crate::metrics::Metrics::new();
+        let b = Arc::new(Backend::new(
+            "p".into(),
+            pc.servers[0].clone(),
+            true,
+            metrics.backend("p", "x"),
+        ));
+        let m = Monitor::new(b.clone(), pc.health.clone(), true, Arc::new(NoEvents));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000 {
+                        if (i + t) % 3 == 0 {
+                            m.passive_failure("refused");
+                        } else {
+                            m.record(i % 2 == 0, false, "probe");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(b.is_healthy(), lock(&m.state).is_up());
+        // The weak link from the backend reaches the same monitor.
+        let before = lock(&m.state).is_up();
+        for _ in 0..3 {
+            b.report_failure("refused");
+        }
+        assert!(
+            !lock(&m.state).is_up() && !b.is_healthy(),
+            "was up: {before}"
         );
     }
 

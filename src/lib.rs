@@ -1,27 +1,38 @@
 //! apilb: a load balancer for highly available Kubernetes control planes.
 //!
-//! Map of the crate (one owner per module, see DESIGN.md):
+//! Map of the crate, bottom layer first; every `crate::` import points down
+//! (`tests/layers.rs` checks it; DESIGN.md and ARCHITECTURE.md say why):
 //!
-//! - [`config`]: the YAML schema and `validate()`, every error with its field path.
-//! - [`balancer`]: pools, backends (health flag, open connections), `pick()`.
-//! - [`health`]: probe tasks, the rise/fall state machine, passive failures.
-//! - [`proxy`]: L4 accept loops, connect with failover, byte pumping.
-//! - [`tls`]: rustls configs from PEM.
-//! - [`reload`]: file watching, building and publishing snapshots, listeners.
-//! - [`runtime`]: shared state, the control task, shutdown, the `Handle`.
-//! - [`metrics`]: the Prometheus registry and metric handles.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`.
-//! - [`demo`]: fake apiservers and a throwaway CA for `apilb demo` and tests.
+//! 0. [`config`] (the YAML schema and `validate()`), [`tls`] (rustls configs
+//!    from PEM), [`metrics`] (the Prometheus registry and handles).
+//! 1. [`balancer`]: pools, backends (health flag, open connections), `pick()`.
+//! 2. [`health`]: per-backend monitors (rise/fall, the only writer of the
+//!    health flag) and probe tasks; [`net`]: connect, tuning, binding, fault
+//!    classification.
+//! 3. [`proxy`]: services handed an accepted socket: `tcp` (L4 relay through
+//!    `pump`), `http` (L7 over `upstream` pools, `h1guard`).
+//! 4. [`snapshot`]: the published `Snapshot`, `Frontend`/`FrontendKind`, and
+//!    `Shared`, the process-wide state.
+//! 5. [`listener`]: accept loops, `max_connections`, dispatch by kind.
+//! 6. [`reload`]: `plan` → `prepare` → `commit`; file watching.
+//! 7. [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`.
+//! 8. [`runtime`]: the control loop, drain, and the `Handle`.
+//!
+//! [`demo`] (fake apiservers, a throwaway CA) stands aside: `apilb demo` and
+//! the tests use it; nothing in the daemon imports it.
 
 pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod demo;
 pub mod health;
+pub mod listener;
 pub mod metrics;
+pub mod net;
 pub mod proxy;
 pub mod reload;
 pub mod runtime;
+pub mod snapshot;
 pub mod tls;
 
 pub use runtime::{start, start_with, Handle, Options};

@@ -31,6 +31,7 @@ pub const BUILD_INFO: &str = "apilb_build_info";
 pub const HTTP_REQUESTS: &str = "apilb_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "apilb_http_request_duration_seconds";
 pub const HTTP_ACTIVE_STREAMS: &str = "apilb_http_active_streams";
+pub const LOCAL_ERRORS: &str = "apilb_local_errors_total";
 
 /// Method label values: anything else is counted as `OTHER`, so a client
 /// cannot create series at will.
@@ -90,6 +91,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     http_active: IntGaugeVec,
+    local_errors: IntCounterVec,
     pub reloads: IntCounterVec,
     pub last_reload_ok: IntGauge,
     pub last_reload_ts: Gauge,
@@ -244,6 +246,12 @@ impl Metrics {
                 "L7 requests in flight (streams open)",
                 &["frontend"],
             ),
+            local_errors: cv(
+                LOCAL_ERRORS,
+                "Failures reaching a backend that were apilb's own (descriptor or port \
+                 exhaustion, no buffers, certificate verification); never counted against a backend",
+                &["reason"],
+            ),
             reloads: cv(
                 CONFIG_RELOADS,
                 "Config reloads by result (success, failure)",
@@ -361,6 +369,11 @@ impl Metrics {
     }
 
     /// The in-flight gauge of an L7 frontend.
+    /// Counts a local failure (see `net::local` for the reasons).
+    pub fn local_error(&self, reason: &str) {
+        self.local_errors.with_label_values(&[reason]).inc();
+    }
+
     pub fn http_active(&self, frontend: &str) -> IntGauge {
         self.http_active.with_label_values(&[frontend])
     }

@@ -1,134 +1,22 @@
-//! The running daemon: the shared state every task sees, the snapshot type, the
-//! control task (reloads, shutdown and its grace) and the `Handle` callers hold.
+//! The control loop of a running apilb: reload commands (file changes,
+//! SIGHUP, in-memory configs), the admin server's task, shutdown and its
+//! grace; and the `Handle` callers hold.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::balancer::Pool;
-use crate::config::{AllDownPolicy, Config, FrontendConfig};
-use crate::metrics::{FrontendMetrics, Metrics};
-use crate::reload::{self, Reconciler, ReloadError};
-
-/// Everything a connection needs, published whole by `reload` with one store.
-pub struct Snapshot {
-    pub config: Arc<Config>,
-    pub pools: HashMap<Arc<str>, Arc<Pool>>,
-    pub frontends: HashMap<Arc<str>, Arc<Frontend>>,
-    /// Where the admin server really listens (port 0 resolved).
-    pub admin_addr: Option<SocketAddr>,
-}
-
-impl Snapshot {
-    pub fn empty() -> Self {
-        Snapshot {
-            config: Arc::new(Config {
-                source: None,
-                admin: crate::config::AdminConfig {
-                    listen: ([127, 0, 0, 1], 0).into(),
-                },
-                shutdown_grace: crate::config::DEFAULT_SHUTDOWN_GRACE,
-                workers: None,
-                frontends: Vec::new(),
-                pools: Vec::new(),
-            }),
-            pools: HashMap::new(),
-            frontends: HashMap::new(),
-            admin_addr: None,
-        }
-    }
-}
-
-/// A frontend as the current snapshot sees it.
-pub struct Frontend {
-    pub name: Arc<str>,
-    pub config: FrontendConfig,
-    pub pool: Arc<Pool>,
-    /// Where it really listens (port 0 resolved).
-    pub bound: SocketAddr,
-    pub stats: Arc<FrontendStats>,
-    /// `mode: http` only: TLS acceptor and upstream connections.
-    pub http: Option<Arc<crate::proxy::http::HttpRuntime>>,
-}
-
-/// Per-frontend counters that outlive reloads (keyed by frontend name).
-pub struct FrontendStats {
-    /// Open client connections, checked against `max_connections`.
-    pub active: AtomicUsize,
-    pub metrics: FrontendMetrics,
-}
-
-/// State shared by every task of one apilb instance.
-pub struct Shared {
-    pub snapshot: ArcSwap<Snapshot>,
-    pub metrics: Metrics,
-    /// Cancelled at shutdown: accept loops and probes stop.
-    pub shutdown: CancellationToken,
-    /// Cancelled when the grace is over: every open connection closes.
-    pub hard_stop: CancellationToken,
-    /// Client connection tasks, waited for during the grace.
-    pub connections: TaskTracker,
-    /// True from the moment shutdown begins (admin `/readyz` turns 503).
-    pub draining: AtomicBool,
-}
-
-impl Shared {
-    fn new() -> Self {
-        Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
-            metrics: Metrics::new(),
-            shutdown: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
-            connections: TaskTracker::new(),
-            draining: AtomicBool::new(false),
-        }
-    }
-
-    /// A backend of `pool` changed state (or the pool was rebuilt): update the
-    /// pool gauges and log an all-down transition exactly once.
-    pub fn pool_changed(&self, pool: &str) {
-        let snap = self.snapshot.load();
-        let Some(p) = snap.pools.get(pool) else {
-            return;
-        };
-        let up = p.up_count();
-        let (g_up, g_down) = self.metrics.pool_gauges(pool);
-        g_up.set(up as i64);
-        let down = up == 0;
-        g_down.set(down as i64);
-        if p.state.all_down.swap(down, Relaxed) != down {
-            if down {
-                let what = match p.config.when_all_down {
-                    AllDownPolicy::TryAll => {
-                        "spreading new connections over every server (when_all_down: try-all)"
-                    }
-                    AllDownPolicy::Reject => "rejecting new connections (when_all_down: reject)",
-                };
-                warn!(
-                    pool,
-                    servers = p.backends.len(),
-                    "no backend of the pool is up; {what}"
-                );
-            } else {
-                info!(pool, up, "pool has an up backend again");
-            }
-        }
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Relaxed)
-    }
-}
+use crate::admin;
+use crate::config::Config;
+use crate::reload::{self, AdminListener, Reconciler, ReloadError};
+use crate::snapshot::Shared;
 
 pub(crate) enum Command {
     /// Re-read the config file; `force` applies it even if unchanged (SIGHUP).
@@ -256,12 +144,21 @@ pub async fn start_with(config: Config, options: Options) -> Result<Handle, Relo
     let shared = Arc::new(Shared::new());
     let mut reconciler = Reconciler::new(shared.clone());
     let source = config.source.clone();
-    reconciler.apply(config, None).await?;
+    let admin_listener = reconciler.apply(config, None).await?;
+    let mut admin = AdminTask::default();
+    admin.replace(&shared, admin_listener);
     let (tx, rx) = mpsc::channel(16);
+    let (changed_tx, changed_rx) = mpsc::channel(1);
     if let Some(path) = source.as_ref().filter(|_| options.watch_config) {
-        reload::watch_file(path.clone(), tx.clone(), shared.shutdown.clone());
+        reload::watch::watch_file(path.clone(), changed_tx, shared.shutdown.clone());
     }
-    let task = tokio::spawn(control(shared.clone(), reconciler, rx, source));
+    let ctl = Control {
+        shared: shared.clone(),
+        reconciler,
+        admin,
+        source,
+    };
+    let task = tokio::spawn(ctl.run(rx, changed_rx));
     Ok(Handle {
         shared,
         control: tx,
@@ -269,36 +166,80 @@ pub async fn start_with(config: Config, options: Options) -> Result<Handle, Relo
     })
 }
 
-/// Runs reload commands until shutdown, then drains connections.
-async fn control(
-    shared: Arc<Shared>,
-    mut reconciler: Reconciler,
-    mut rx: mpsc::Receiver<Command>,
-    source: Option<PathBuf>,
-) {
-    loop {
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
-            cmd = rx.recv() => match cmd {
-                None => break,
-                Some(Command::Reload { force, reply }) => {
-                    let r = reconciler.reload_file(source.as_deref(), force).await;
-                    if let Some(reply) = reply {
-                        let _ = reply.send(r);
-                    }
-                }
-                Some(Command::Apply { config, reply }) => {
-                    let r = reconciler.apply(*config, None).await;
-                    reconciler.record_result(&r);
-                    let _ = reply.send(r);
-                }
-            },
-        }
-    }
-    drain(&shared, &mut reconciler).await;
+/// The admin server's accept loop; not a child of `shutdown`: `/readyz`
+/// must answer 503 and `/metrics` stay scrapeable while connections drain.
+#[derive(Default)]
+struct AdminTask {
+    stop: Option<CancellationToken>,
 }
 
-async fn drain(shared: &Shared, reconciler: &mut Reconciler) {
+impl AdminTask {
+    /// Serves a newly bound admin listener and stops the previous one.
+    fn replace(&mut self, shared: &Arc<Shared>, new: Option<AdminListener>) {
+        let Some(a) = new else { return };
+        let stop = CancellationToken::new();
+        info!(addr = %a.bound, "admin listening");
+        tokio::spawn(admin::serve(a.listener, shared.clone(), stop.clone()));
+        if let Some(old) = self.stop.replace(stop) {
+            old.cancel();
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            s.cancel();
+        }
+    }
+}
+
+struct Control {
+    shared: Arc<Shared>,
+    reconciler: Reconciler,
+    admin: AdminTask,
+    source: Option<PathBuf>,
+}
+
+impl Control {
+    /// Runs reload commands until shutdown, then drains connections.
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut changed: mpsc::Receiver<()>) {
+        loop {
+            tokio::select! {
+                _ = self.shared.shutdown.cancelled() => break,
+                Some(()) = changed.recv() => {
+                    let _ = self.reload(false).await;
+                }
+                cmd = rx.recv() => match cmd {
+                    None => break,
+                    Some(Command::Reload { force, reply }) => {
+                        let r = self.reload(force).await;
+                        if let Some(reply) = reply {
+                            let _ = reply.send(r);
+                        }
+                    }
+                    Some(Command::Apply { config, reply }) => {
+                        let r = self.reconciler.apply(*config, None).await;
+                        self.reconciler.record_result(r.as_ref().map(|_| ()));
+                        let _ = reply.send(r.map(|a| self.admin.replace(&self.shared, a)));
+                    }
+                },
+            }
+        }
+        drain(&self.shared).await;
+        self.admin.stop();
+        info!("stopped");
+    }
+
+    async fn reload(&mut self, force: bool) -> Result<(), ReloadError> {
+        let a = self
+            .reconciler
+            .reload_file(self.source.as_deref(), force)
+            .await?;
+        self.admin.replace(&self.shared, a);
+        Ok(())
+    }
+}
+
+async fn drain(shared: &Shared) {
     shared.draining.store(true, Relaxed);
     let grace = shared.snapshot.load().config.shutdown_grace;
     // Accept loops and probes are children of `shutdown`: already stopping.
@@ -317,6 +258,4 @@ async fn drain(shared: &Shared, reconciler: &mut Reconciler) {
         // Pumps end at once on hard_stop; bound the wait anyway.
         let _ = tokio::time::timeout(Duration::from_secs(5), shared.connections.wait()).await;
     }
-    reconciler.stop_admin();
-    info!("stopped");
 }

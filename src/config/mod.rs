@@ -58,6 +58,20 @@ pub struct Config {
 }
 
 impl Config {
+    /// No frontends, no pools: what runs before the first config applies.
+    pub fn empty() -> Self {
+        Config {
+            source: None,
+            admin: AdminConfig {
+                listen: ([127, 0, 0, 1], 0).into(),
+            },
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            workers: None,
+            frontends: Vec::new(),
+            pools: Vec::new(),
+        }
+    }
+
     pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
         self.pools.iter().find(|p| p.name == name)
     }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -23,16 +24,14 @@ use prometheus::IntGauge;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::h1guard::H1Guard;
 use super::upstream::{Identity, Sender, UpBody, Upstream};
-use crate::balancer::ActiveGuard;
+use super::Env;
+use crate::balancer::{ActiveGuard, Pool};
 use crate::config::HttpFrontend;
-use crate::health;
-use crate::metrics::{method_label, reject};
-use crate::runtime::{Frontend, Shared};
+use crate::metrics::{method_label, reject, FrontendMetrics};
 use crate::tls::TlsError;
 
 type RespBody = BoxBody<Bytes, hyper::Error>;
@@ -44,28 +43,41 @@ const H2_MAX_LOCAL_RESETS: usize = 1024;
 const H2_KEEPALIVE: Duration = Duration::from_secs(30);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The L7 side of a frontend, built by each reload (certificates re-read).
-pub struct HttpRuntime {
+/// Where one request goes: the frontend's settings, its pool and the pool's
+/// upstream connections. Reloads store a new one in the frontend's route
+/// cell, so open client connections follow them request by request.
+pub struct Route {
     pub settings: HttpFrontend,
-    pub acceptor: TlsAcceptor,
+    pub pool: Arc<Pool>,
     pub upstream: Arc<Upstream>,
 }
 
-impl HttpRuntime {
-    pub fn new(settings: &HttpFrontend, upstream: Arc<Upstream>) -> Result<Self, TlsError> {
-        let cfg = crate::tls::server_config_files(
-            &settings.cert_file,
-            &settings.key_file,
-            settings.client_ca_file.as_deref(),
-            &[b"h2", b"http/1.1"],
-        )?;
-        Ok(HttpRuntime {
-            settings: settings.clone(),
-            acceptor: TlsAcceptor::from(cfg),
-            upstream,
-        })
-    }
+/// The L7 side of a frontend, built by each reload (certificates re-read).
+pub struct Service {
+    pub name: Arc<str>,
+    pub acceptor: TlsAcceptor,
+    /// Shared across reloads by every connection of this frontend.
+    pub route: Arc<ArcSwap<Route>>,
+    pub metrics: FrontendMetrics,
+    /// `apilb_http_active_streams{frontend}`.
+    pub active_streams: IntGauge,
 }
+
+/// The TLS acceptor of an L7 frontend (h2 and http/1.1 by ALPN).
+pub fn acceptor(settings: &HttpFrontend) -> Result<TlsAcceptor, TlsError> {
+    let cfg = crate::tls::server_config_files(
+        &settings.cert_file,
+        &settings.key_file,
+        settings.client_ca_file.as_deref(),
+        &[b"h2", b"http/1.1"],
+    )?;
+    Ok(TlsAcceptor::from(cfg))
+}
+
+/// Held by a client connection and every tunnel it opened: the frontend's
+/// connection slot (`max_connections`, active gauge) is released when the
+/// last of them ends.
+pub type Hold = Arc<dyn Send + Sync>;
 
 /// A client identity from a verified certificate: user (CN) and groups (O).
 #[derive(Clone, Debug)]
@@ -92,28 +104,28 @@ fn client_id(der: &[u8]) -> Option<ClientId> {
 
 /// Per-connection context shared by its requests.
 struct Conn {
-    shared: Arc<Shared>,
-    fe: Arc<Frontend>,
+    env: Env,
+    svc: Arc<Service>,
     peer: SocketAddr,
     id: Option<ClientId>,
-    active: IntGauge,
+    hold: Hold,
 }
 
 /// Runs a hyper server connection; at shutdown asks it to finish (GOAWAY,
 /// close when idle), and drops it when the grace is over.
 macro_rules! drive {
-    ($conn:expr, $shared:expr, $hard_stop:expr) => {{
+    ($conn:expr, $env:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
         let finished = tokio::select! {
             r = conn.as_mut() => { log_end(r); true }
-            _ = $shared.shutdown.cancelled() => { conn.as_mut().graceful_shutdown(); false }
-            _ = $hard_stop.cancelled() => true,
+            _ = $env.shutdown.cancelled() => { conn.as_mut().graceful_shutdown(); false }
+            _ = $env.hard_stop.cancelled() => true,
         };
         if !finished {
             tokio::select! {
                 r = conn.as_mut() => log_end(r),
-                _ = $hard_stop.cancelled() => {}
+                _ = $env.hard_stop.cancelled() => {}
             }
         }
     }};
@@ -122,23 +134,23 @@ macro_rules! drive {
 /// Serves one accepted client connection until it ends, shutdown drains it,
 /// or the grace runs out.
 pub async fn serve_conn(
-    shared: Arc<Shared>,
-    fe: Arc<Frontend>,
+    env: Env,
+    svc: Arc<Service>,
     sock: TcpStream,
     peer: SocketAddr,
-    hard_stop: CancellationToken,
+    hold: Hold,
 ) {
-    let rt = fe.http.clone().expect("http frontend has its runtime");
-    let s = &rt.settings;
-    let tls = match tokio::time::timeout(s.header_timeout, rt.acceptor.accept(sock)).await {
+    let route = svc.route.load_full();
+    let s = &route.settings;
+    let tls = match tokio::time::timeout(s.header_timeout, svc.acceptor.accept(sock)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
-            fe.stats.metrics.rejected(reject::TLS_HANDSHAKE);
+            svc.metrics.rejected(reject::TLS_HANDSHAKE);
             debug!(client.addr = %peer, error = %e, "tls handshake failed");
             return;
         }
         Err(_) => {
-            fe.stats.metrics.rejected(reject::TLS_HANDSHAKE);
+            svc.metrics.rejected(reject::TLS_HANDSHAKE);
             debug!(client.addr = %peer, "tls handshake timed out");
             return;
         }
@@ -150,13 +162,13 @@ pub async fn serve_conn(
         .and_then(|c| client_id(c.as_ref()));
     let h2 = session.alpn_protocol() == Some(b"h2");
     let conn = Arc::new(Conn {
-        active: shared.metrics.http_active(&fe.name),
-        shared: shared.clone(),
-        fe: fe.clone(),
+        env: env.clone(),
+        svc: svc.clone(),
         peer,
         id,
+        hold,
     });
-    let svc = service_fn(move |req| {
+    let service = service_fn(move |req| {
         let conn = conn.clone();
         // Boxed: hyper spawns a task per HTTP/2 stream, and moving this
         // large future by value was a fifth of L7 CPU time (memmove).
@@ -171,21 +183,17 @@ pub async fn serve_conn(
             .max_header_list_size(s.max_header_bytes as u32)
             .keep_alive_interval(H2_KEEPALIVE)
             .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
-        drive!(
-            b.serve_connection(TokioIo::new(tls), svc),
-            shared,
-            hard_stop
-        );
+        drive!(b.serve_connection(TokioIo::new(tls), service), env);
     } else {
-        let io = H1Guard::new(tls, s.max_header_bytes, fe.stats.metrics.clone());
+        let io = H1Guard::new(tls, s.max_header_bytes, svc.metrics.clone());
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
             .header_read_timeout(s.header_timeout)
             .max_header_size(s.max_header_bytes);
         drive!(
-            b.serve_connection(TokioIo::new(io), svc).with_upgrades(),
-            shared,
-            hard_stop
+            b.serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+            env
         );
     }
 }
@@ -288,22 +296,11 @@ struct Replay {
 }
 
 async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody> {
-    // Each request sees the current snapshot: a long-lived client connection
-    // follows reloads (a removed server gets no new requests). A frontend
-    // removed by a reload keeps serving its open connections as it was.
-    let current = conn
-        .shared
-        .snapshot
-        .load()
-        .frontends
-        .get(&conn.fe.name)
-        .cloned();
-    let fe = match current.filter(|f| f.http.is_some()) {
-        Some(f) => f,
-        None => conn.fe.clone(),
-    };
-    let fe = &fe;
-    let rt = fe.http.as_ref().expect("http frontend");
+    // Each request reads the frontend's current route: a long-lived client
+    // connection follows reloads (a removed server gets no new requests). A
+    // frontend removed by a reload keeps serving its open connections as it was.
+    let route = conn.svc.route.load_full();
+    let rt = &*route;
     let started = Instant::now();
     let method = method_label(req.method());
     let upgrade = is_upgrade(&req);
@@ -344,7 +341,7 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
                 }
             }
             if !rt.upstream.has_front_proxy() {
-                warn!(frontend = %fe.name, "a verified client certificate arrived but the pool has no front_proxy_cert_file");
+                warn!(frontend = %conn.svc.name, "a verified client certificate arrived but the pool has no front_proxy_cert_file");
                 return local(
                     StatusCode::BAD_GATEWAY,
                     "front-proxy identity is not configured for this pool",
@@ -369,9 +366,9 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
         uri: req.uri().clone(),
         headers: req.headers().clone(),
     });
-    let stream = GaugeGuard::new(conn.active.clone());
+    let stream = GaugeGuard::new(conn.svc.active_streams.clone());
 
-    let pool = &fe.pool;
+    let pool = &rt.pool;
     let cfg = &pool.config;
     let mut tried: Vec<usize> = Vec::with_capacity(cfg.connect_attempts as usize);
     let mut first = Some(req);
@@ -385,10 +382,9 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
         let sender = match rt.upstream.sender(i, b, identity, upgrade).await {
             Ok(s) => s,
             Err(e) => {
-                b.metrics.connect_failures.inc();
                 last_error = e.to_string();
                 debug!(backend.addr = %b.server.key, error = %last_error, "upstream connect failed; trying the next server");
-                health::connect_failed(&conn.shared, b, &cfg.health, &last_error);
+                conn.env.upstream_failed(b, e.fault(), &last_error);
                 continue;
             }
         };
@@ -448,10 +444,10 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
                 let timer = (!long).then(|| {
                     (
                         started,
-                        conn.shared
+                        conn.env
                             .metrics
                             .http_duration
-                            .with_label_values(&[&fe.name, method]),
+                            .with_label_values(&[&conn.svc.name, method]),
                     )
                 });
                 let closed = Box::pin(b.kill_token().cancelled_owned());
@@ -479,7 +475,7 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
         }
     }
     if tried.is_empty() {
-        fe.stats.metrics.rejected(reject::ALL_DOWN);
+        conn.svc.metrics.rejected(reject::ALL_DOWN);
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
             "no apiserver is up (when_all_down: reject)",
@@ -546,11 +542,11 @@ async fn send(
 }
 
 fn count(conn: &Conn, b: &crate::balancer::Backend, method: &str, status: StatusCode) {
-    conn.shared
+    conn.env
         .metrics
         .http_requests
         .with_label_values(&[
-            &*conn.fe.name,
+            &*conn.svc.name,
             &*b.pool,
             b.server.key.as_str(),
             method,
@@ -567,9 +563,12 @@ fn tunnel(
     server: hyper::upgrade::OnUpgrade,
     guard: ActiveGuard,
 ) {
-    let hard_stop = conn.shared.hard_stop.clone();
+    let hard_stop = conn.env.hard_stop.clone();
     let peer = conn.peer;
-    conn.shared.connections.spawn(async move {
+    // The tunnel keeps the client connection's frontend slot until it closes.
+    let hold = conn.hold.clone();
+    conn.env.tasks.spawn(async move {
+        let _hold = hold;
         let (c, s) = match tokio::try_join!(client, server) {
             Ok(x) => x,
             Err(e) => {

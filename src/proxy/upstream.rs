@@ -19,6 +19,7 @@ use tracing::debug;
 
 use crate::balancer::Backend;
 use crate::config::PoolConfig;
+use crate::net::{self, Fault};
 use crate::tls::{self, ClientMaterial, TlsError};
 
 /// The body type apilb sends upstream.
@@ -97,6 +98,17 @@ pub enum ConnectError {
     NoFrontProxy,
     #[error("{0}")]
     Name(#[from] TlsError),
+}
+
+impl ConnectError {
+    /// Whose fault it was, for passive health.
+    pub fn fault(&self) -> Fault {
+        match self {
+            ConnectError::Tcp(e) | ConnectError::Tls(e) => net::classify(e),
+            ConnectError::Timeout(_) | ConnectError::Handshake(_) => Fault::Backend,
+            ConnectError::NoFrontProxy | ConnectError::Name(_) => Fault::Local(net::local::OTHER),
+        }
+    }
 }
 
 fn clients(material: impl Fn() -> Result<ClientMaterial, TlsError>) -> Result<Clients, TlsError> {
@@ -185,7 +197,7 @@ impl Upstream {
             let tcp = TcpStream::connect(backend.server.addr)
                 .await
                 .map_err(ConnectError::Tcp)?;
-            super::tcp::tune(&tcp);
+            crate::net::tune(&tcp);
             tokio_rustls::TlsConnector::from(config.clone())
                 .connect(name, tcp)
                 .await

@@ -1,0 +1,582 @@
+//! Reloads, in three steps: `plan` (pure: what to add, keep and remove),
+//! `prepare` (fallible: bind new sockets, read TLS material) and `commit`
+//! (infallible: build the next snapshot beside the live one, publish it with
+//! one store, then reconcile accept loops, probes and drains). The
+//! `Reconciler` is the only writer of the snapshot.
+
+pub mod plan;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::balancer::{unix_now, Backend, Pool, PoolState};
+use crate::config::{self, CheckKind, Config, ConfigError, HealthConfig, Mode, ServerConfig};
+use crate::health::{self, Monitor};
+use crate::net::{self, Bound};
+use crate::proxy::{http, tcp, upstream::Upstream};
+use crate::snapshot::{Frontend, FrontendKind, FrontendStats, Shared, Snapshot};
+use crate::{listener, tls};
+
+pub use plan::{plan, Plan};
+pub use watch::DEBOUNCE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{field}: cannot listen on {addr}: {source}")]
+    Bind {
+        field: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{field}: {source}")]
+    Tls {
+        field: String,
+        source: tls::TlsError,
+    },
+    #[error("no config file to reload (started from an in-memory config)")]
+    NoSource,
+    #[error("apilb is stopping")]
+    Stopped,
+}
+
+impl ReloadError {
+    /// Every message, one per line, for logs and `apilb check`-style output.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            ReloadError::Config(c) => c.errors.iter().map(|e| e.to_string()).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+struct ListenerTask {
+    bound: SocketAddr,
+    /// The frontend name the accept loop serves; changes on a rename.
+    name: Arc<ArcSwap<String>>,
+    stop: CancellationToken,
+}
+
+struct ProbeTask {
+    monitor: Arc<Monitor>,
+    cfg: HealthConfig,
+    stop: CancellationToken,
+}
+
+/// What `prepare` made ready; `commit` consumes it without failing.
+struct Prepared {
+    listeners: HashMap<String, Bound>,
+    admin: Option<Bound>,
+    /// Per http frontend: its TLS acceptor and its pool's upstream.
+    http: HashMap<String, (TlsAcceptor, Arc<Upstream>)>,
+}
+
+/// A listener the caller must serve: the admin server after it (re)bound.
+pub struct AdminListener {
+    pub listener: TcpListener,
+    pub bound: SocketAddr,
+}
+
+/// Owns listeners and probe tasks; applies configs.
+pub struct Reconciler {
+    shared: Arc<Shared>,
+    listeners: HashMap<String, ListenerTask>,
+    /// Keyed by (pool, server key).
+    probes: HashMap<(String, String), ProbeTask>,
+    pool_states: HashMap<String, Arc<PoolState>>,
+    frontend_stats: HashMap<String, Arc<FrontendStats>>,
+    /// Per http frontend, the route its open connections read per request.
+    routes: HashMap<String, Arc<ArcSwap<http::Route>>>,
+    /// The bytes of the file last applied: a file event with the same content
+    /// (a touch, another file in the directory) changes nothing.
+    last_bytes: Option<Vec<u8>>,
+    started: bool,
+}
+
+impl Reconciler {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Reconciler {
+            shared,
+            listeners: HashMap::new(),
+            probes: HashMap::new(),
+            pool_states: HashMap::new(),
+            frontend_stats: HashMap::new(),
+            routes: HashMap::new(),
+            last_bytes: None,
+            started: false,
+        }
+    }
+
+    /// Re-reads the file; with `force` false an unchanged file is a no-op.
+    /// Returns a new admin listener when the admin address moved.
+    pub async fn reload_file(
+        &mut self,
+        path: Option<&Path>,
+        force: bool,
+    ) -> Result<Option<AdminListener>, ReloadError> {
+        let Some(path) = path else {
+            return Err(ReloadError::NoSource);
+        };
+        let p = path.to_path_buf();
+        let read = tokio::task::spawn_blocking(move || {
+            std::fs::read(&p).map_err(|e| {
+                ConfigError::single(p.display().to_string(), format!("cannot read config: {e}"))
+            })
+        })
+        .await
+        .map_err(|_| ReloadError::Stopped)?;
+        let bytes = match read {
+            Ok(b) => b,
+            Err(e) => return self.recorded(Err(e.into())),
+        };
+        if !force && self.last_bytes.as_deref() == Some(&bytes[..]) {
+            // The file holds what runs: a refused edit that was reverted
+            // is no longer a failure.
+            if self.shared.metrics.last_reload_ok.get() == 0 {
+                info!(path = %path.display(), "config file matches the running config again");
+                self.shared.metrics.last_reload_ok.set(1);
+            }
+            return Ok(None);
+        }
+        info!(path = %path.display(), trigger = if force { "signal" } else { "file change" }, "reloading config");
+        let p = path.to_path_buf();
+        let b = bytes.clone();
+        let parsed = tokio::task::spawn_blocking(move || config::from_bytes(&p, &b))
+            .await
+            .map_err(|_| ReloadError::Stopped)?;
+        let r = match parsed {
+            Ok(cfg) => self.apply(cfg, Some(bytes)).await,
+            Err(e) => Err(e.into()),
+        };
+        self.recorded(r)
+    }
+
+    fn recorded<T>(&self, r: Result<T, ReloadError>) -> Result<T, ReloadError> {
+        self.record_result(r.as_ref().map(|_| ()));
+        r
+    }
+
+    /// Counts a reload's outcome in the metrics and logs a failure.
+    pub fn record_result(&self, r: Result<(), &ReloadError>) {
+        let m = &self.shared.metrics;
+        match r {
+            Ok(()) => {
+                m.reloads.with_label_values(&["success"]).inc();
+                info!("config reloaded");
+            }
+            Err(e) => {
+                m.reloads.with_label_values(&["failure"]).inc();
+                m.last_reload_ok.set(0);
+                for line in e.lines() {
+                    error!(error = %line, "config reload refused; the running config stays");
+                }
+            }
+        }
+    }
+
+    /// Applies a checked config, all or nothing: before the snapshot store
+    /// nothing live is touched; after it nothing can fail.
+    pub async fn apply(
+        &mut self,
+        cfg: Config,
+        bytes: Option<Vec<u8>>,
+    ) -> Result<Option<AdminListener>, ReloadError> {
+        let old = self.shared.snapshot.load_full();
+        let plan = plan(self.started.then_some(&*old.config), &cfg);
+        let prepared = prepare(&cfg, &plan).await?;
+        if self.started && old.config.workers != cfg.workers {
+            warn!("workers changed; the runtime keeps its threads until the next restart");
+        }
+        if bytes.is_some() {
+            self.last_bytes = bytes;
+        }
+        Ok(self.commit(cfg, plan, prepared))
+    }
+
+    /// Publishes the next snapshot and reconciles tasks. Cannot fail.
+    fn commit(&mut self, cfg: Config, plan: Plan, mut prep: Prepared) -> Option<AdminListener> {
+        let old = self.shared.snapshot.load_full();
+        let metrics = self.shared.metrics.clone();
+        let series = metrics.series.write().unwrap_or_else(|p| p.into_inner());
+        let removed = self.retire(&old, &plan);
+        let (pools, monitors) = self.build_pools(&cfg, &old);
+        let frontends = self.build_frontends(&cfg, &plan, &pools, &mut prep);
+        let admin_addr = prep.admin.as_ref().map(|b| b.bound).or(old.admin_addr);
+        let drains: HashMap<String, Option<Duration>> = old
+            .pools
+            .keys()
+            .map(|n| (n.to_string(), cfg.pool(n).and_then(|p| p.drain_timeout)))
+            .collect();
+        let next = Arc::new(Snapshot {
+            config: Arc::new(cfg),
+            pools,
+            frontends,
+            monitors,
+            admin_addr,
+        });
+        self.shared.snapshot.store(next.clone());
+        drop(series);
+        metrics.last_reload_ok.set(1);
+        metrics.last_reload_ts.set(unix_now() as f64);
+
+        self.reconcile_listeners(&next, plan, prep.listeners);
+        self.reconcile_probes(&next);
+        self.drain_removed(removed, &drains);
+        for name in next.pools.keys() {
+            self.shared.pool_changed(name);
+        }
+        self.started = true;
+        prep.admin.map(|b| AdminListener {
+            listener: TcpListener::from_std(b.listener).expect("inside the runtime"),
+            bound: b.bound,
+        })
+    }
+
+    /// Drops metric series and state of what leaves; returns removed backends.
+    fn retire(&mut self, old: &Snapshot, plan: &Plan) -> Vec<Arc<Backend>> {
+        let metrics = &self.shared.metrics;
+        let mut removed = Vec::new();
+        for (pool, servers) in &plan.removed_servers {
+            let Some(op) = old.pools.get(pool.as_str()) else {
+                continue;
+            };
+            for b in op.backends.iter().filter(|b| servers.contains(&b.server)) {
+                metrics.remove_backend(pool, &b.server.key);
+                removed.push(b.clone());
+            }
+        }
+        for pool in &plan.removed_pools {
+            metrics.remove_pool(pool);
+            self.pool_states.remove(pool);
+        }
+        for fe in &plan.removed_frontends {
+            self.frontend_stats.remove(fe);
+            self.routes.remove(fe);
+            metrics.remove_frontend(fe);
+        }
+        for (_, old_name) in &plan.renames {
+            if self.frontend_stats.remove(old_name).is_some() {
+                metrics.remove_frontend(old_name);
+            }
+            self.routes.remove(old_name);
+        }
+        removed
+    }
+
+    /// Pools of the next snapshot: kept backends carry their health; new
+    /// ones get a monitor (up at process start, else down until probed).
+    #[allow(clippy::type_complexity)]
+    fn build_pools(
+        &mut self,
+        cfg: &Config,
+        old: &Snapshot,
+    ) -> (
+        HashMap<Arc<str>, Arc<Pool>>,
+        HashMap<(Arc<str>, String), Arc<Monitor>>,
+    ) {
+        let mut pools = HashMap::new();
+        let mut monitors = HashMap::new();
+        for pc in &cfg.pools {
+            let name: Arc<str> = pc.name.as_str().into();
+            let old_pool = old.pools.get(&name);
+            let mut backends = Vec::with_capacity(pc.servers.len());
+            for s in &pc.servers {
+                let kept = old_pool.and_then(|op| op.backends.iter().find(|b| b.server == *s));
+                let monitor = match kept.and_then(|b| old.monitor(b)) {
+                    Some(m) => m.clone(),
+                    None => self.new_monitor(&name, s, &pc.health),
+                };
+                monitor.set_config(pc.health.clone());
+                backends.push(monitor.backend().clone());
+                monitors.insert((name.clone(), s.key.clone()), monitor);
+            }
+            let state = self.pool_states.entry(pc.name.clone()).or_default().clone();
+            pools.insert(name, Arc::new(Pool::new(pc.clone(), backends, state)));
+        }
+        (pools, monitors)
+    }
+
+    fn new_monitor(&self, pool: &Arc<str>, s: &ServerConfig, hc: &HealthConfig) -> Arc<Monitor> {
+        // At process start backends begin up; one added by a reload begins
+        // down until its first success (`check: none`: up at once).
+        let up = !self.started || hc.check == CheckKind::None;
+        let metrics = self.shared.metrics.backend(pool, &s.key);
+        let b = Arc::new(Backend::new(pool.clone(), s.clone(), up, metrics));
+        Monitor::new(b, hc.clone(), up, self.shared.health_events())
+    }
+
+    fn build_frontends(
+        &mut self,
+        cfg: &Config,
+        plan: &Plan,
+        pools: &HashMap<Arc<str>, Arc<Pool>>,
+        prep: &mut Prepared,
+    ) -> HashMap<Arc<str>, Arc<Frontend>> {
+        let renamed: HashMap<&str, &str> = plan
+            .renames
+            .iter()
+            .map(|(n, o)| (n.as_str(), o.as_str()))
+            .collect();
+        let mut frontends = HashMap::new();
+        for fe in &cfg.frontends {
+            let stats = self.stats(&fe.name, fe.max_connections);
+            let bound = match prep.listeners.get(&fe.name) {
+                Some(b) => b.bound,
+                None => {
+                    let from = renamed.get(fe.name.as_str()).copied().unwrap_or(&fe.name);
+                    self.listeners[from].bound
+                }
+            };
+            let name: Arc<str> = fe.name.as_str().into();
+            let pool = pools[fe.pool.as_str()].clone();
+            let kind = match (fe.mode, prep.http.remove(&fe.name)) {
+                (Mode::Http, Some((acceptor, upstream))) => {
+                    let settings = fe.http.clone().expect("validated: http has settings");
+                    let route = http::Route {
+                        settings,
+                        pool: pool.clone(),
+                        upstream,
+                    };
+                    FrontendKind::Http(Arc::new(http::Service {
+                        name: name.clone(),
+                        acceptor,
+                        route: self.route(&fe.name, route),
+                        metrics: stats.metrics.clone(),
+                        active_streams: self.shared.metrics.http_active(&fe.name),
+                    }))
+                }
+                _ => FrontendKind::Tcp(Arc::new(tcp::Service {
+                    name: name.clone(),
+                    pool: pool.clone(),
+                    idle_timeout: fe.idle_timeout,
+                    metrics: stats.metrics.clone(),
+                })),
+            };
+            let f = Frontend {
+                name: name.clone(),
+                config: fe.clone(),
+                pool,
+                bound,
+                stats,
+                kind,
+            };
+            frontends.insert(name, Arc::new(f));
+        }
+        frontends
+    }
+
+    fn stats(&mut self, name: &str, max: usize) -> Arc<FrontendStats> {
+        let metrics = &self.shared.metrics;
+        let stats = self
+            .frontend_stats
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(FrontendStats {
+                    active: AtomicUsize::new(0),
+                    metrics: metrics.frontend(name),
+                })
+            })
+            .clone();
+        stats.metrics.max.set(max as i64);
+        stats
+    }
+
+    /// The frontend's route cell with `route` stored in it.
+    fn route(&mut self, name: &str, route: http::Route) -> Arc<ArcSwap<http::Route>> {
+        let route = Arc::new(route);
+        match self.routes.get(name) {
+            Some(cell) => {
+                cell.store(route);
+                cell.clone()
+            }
+            None => {
+                let cell = Arc::new(ArcSwap::new(route));
+                self.routes.insert(name.to_string(), cell.clone());
+                cell
+            }
+        }
+    }
+
+    fn reconcile_listeners(&mut self, snap: &Snapshot, plan: Plan, bound: HashMap<String, Bound>) {
+        for (new_name, old_name) in plan.renames {
+            if let Some(task) = self.listeners.remove(&old_name) {
+                info!(from = %old_name, to = %new_name, "frontend renamed; listener kept");
+                task.name.store(Arc::new(new_name.clone()));
+                self.listeners.insert(new_name, task);
+            }
+        }
+        for (name, b) in bound {
+            let fe = &snap.frontends[name.as_str()];
+            let stop = self.shared.shutdown.child_token();
+            let name_cell = Arc::new(ArcSwap::from_pointee(name.clone()));
+            let listener = TcpListener::from_std(b.listener).expect("inside the runtime");
+            let mode = match fe.kind {
+                FrontendKind::Tcp(_) => "tcp",
+                FrontendKind::Http(_) => "http",
+            };
+            info!(frontend = %name, addr = %b.bound, mode, pool = %fe.config.pool, "frontend listening");
+            tokio::spawn(listener::serve(
+                listener,
+                name_cell.clone(),
+                self.shared.clone(),
+                stop.clone(),
+            ));
+            let task = ListenerTask {
+                bound: b.bound,
+                name: name_cell,
+                stop,
+            };
+            if let Some(old) = self.listeners.insert(name.clone(), task) {
+                info!(frontend = %name, addr = %old.bound, "old listener closed (listen address changed)");
+                old.stop.cancel();
+            }
+        }
+        self.listeners.retain(|name, task| {
+            let keep = snap.frontends.contains_key(name.as_str());
+            if !keep {
+                info!(frontend = %name, addr = %task.bound, "frontend removed; stopped accepting, open connections continue");
+                task.stop.cancel();
+            }
+            keep
+        });
+    }
+
+    /// One probe task per backend; restarted when its settings changed.
+    fn reconcile_probes(&mut self, snap: &Snapshot) {
+        for ((pool, key), monitor) in &snap.monitors {
+            let k = (pool.to_string(), key.clone());
+            let hc = &snap.pools[pool].config.health;
+            if let Some(t) = self.probes.get(&k) {
+                if Arc::ptr_eq(&t.monitor, monitor) && t.cfg == *hc {
+                    continue;
+                }
+                t.stop.cancel();
+            }
+            let stop = self.shared.shutdown.child_token();
+            health::spawn(monitor.clone(), stop.clone());
+            self.probes.insert(
+                k,
+                ProbeTask {
+                    monitor: monitor.clone(),
+                    cfg: hc.clone(),
+                    stop,
+                },
+            );
+        }
+        self.probes.retain(|(pool, key), t| {
+            let keep = snap
+                .monitors
+                .contains_key(&(pool.as_str().into(), key.clone()));
+            if !keep {
+                t.stop.cancel();
+            }
+            keep
+        });
+    }
+
+    /// Removed backends get no new connections; open ones continue, or are
+    /// closed after the pool's `drain_timeout`.
+    fn drain_removed(
+        &self,
+        removed: Vec<Arc<Backend>>,
+        drains: &HashMap<String, Option<Duration>>,
+    ) {
+        for b in removed {
+            b.mark_removed();
+            info!(pool = %b.pool, server = %b.server.key, open = b.active(), "server removed; no new connections, open ones continue");
+            let Some(Some(after)) = drains.get(&*b.pool) else {
+                continue;
+            };
+            let after = *after;
+            let stop = self.shared.shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(after) => {
+                        if b.active() > 0 {
+                            info!(pool = %b.pool, server = %b.server.key, open = b.active(), "drain_timeout over; closing connections to removed server");
+                        }
+                        b.close_connections();
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The fallible step: binds every new socket and reads TLS material (off the
+/// async threads). Nothing live is touched.
+async fn prepare(cfg: &Config, plan: &Plan) -> Result<Prepared, ReloadError> {
+    let mut listeners = HashMap::new();
+    for (i, name, addr) in &plan.bind {
+        let b = net::bind(*addr).map_err(|source| ReloadError::Bind {
+            field: format!("frontends[{i}].listen"),
+            addr: *addr,
+            source,
+        })?;
+        listeners.insert(name.clone(), b);
+    }
+    let admin = match plan.admin_bind {
+        Some(addr) => Some(net::bind(addr).map_err(|source| ReloadError::Bind {
+            field: "admin.listen".into(),
+            addr,
+            source,
+        })?),
+        None => None,
+    };
+    let c = cfg.clone();
+    let http = tokio::task::spawn_blocking(move || http_material(&c))
+        .await
+        .map_err(|_| ReloadError::Stopped)??;
+    Ok(Prepared {
+        listeners,
+        admin,
+        http,
+    })
+}
+
+/// TLS acceptors of L7 frontends and upstreams of their pools.
+fn http_material(
+    cfg: &Config,
+) -> Result<HashMap<String, (TlsAcceptor, Arc<Upstream>)>, ReloadError> {
+    let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
+    let mut out = HashMap::new();
+    for (i, fe) in cfg.frontends.iter().enumerate() {
+        let Some(settings) = &fe.http else { continue };
+        let up = match upstreams.get(fe.pool.as_str()) {
+            Some(u) => u.clone(),
+            None => {
+                let pi = cfg
+                    .pools
+                    .iter()
+                    .position(|p| p.name == fe.pool)
+                    .unwrap_or(0);
+                let u = Upstream::new(&cfg.pools[pi]).map_err(|source| ReloadError::Tls {
+                    field: format!("pools[{pi}].tls"),
+                    source,
+                })?;
+                let u = Arc::new(u);
+                upstreams.insert(fe.pool.as_str(), u.clone());
+                u
+            }
+        };
+        let acceptor = http::acceptor(settings).map_err(|source| ReloadError::Tls {
+            field: format!("frontends[{i}].tls"),
+            source,
+        })?;
+        out.insert(fe.name.clone(), (acceptor, up));
+    }
+    Ok(out)
+}
