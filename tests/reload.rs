@@ -440,3 +440,42 @@ async fn health_state_survives_an_unrelated_reload() {
     h.shutdown();
     h.wait().await;
 }
+
+/// A refused edit that is reverted to the bytes that run clears the failure:
+/// `apilb_config_last_reload_successful` and `/status` go back to healthy
+/// without a SIGHUP (the file equals the running config, so nothing is
+/// re-applied).
+#[tokio::test]
+async fn reverting_a_refused_edit_clears_the_failure() {
+    let a = EchoBackend::start("a").await;
+    let b = EchoBackend::start("b").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("apilb.yaml");
+    write_atomic(&path, &cfg(&[a.addr], "round-robin", None));
+    let h = start_file(&path).await;
+    let admin = h.admin_addr().unwrap();
+    let running = cfg(&[b.addr], "round-robin", None);
+    write_atomic(&path, &running);
+    wait_successes(&h, 1).await;
+    write_atomic(&path, "pools: [this is not valid");
+    wait_for(
+        "the bad edit to be refused",
+        Duration::from_secs(5),
+        || async { (reloads(&h).1 == 1).then_some(()) },
+    )
+    .await;
+    let (_, st) = admin_get(admin, "/status").await;
+    assert!(st.contains("\"last_reload_successful\":false"), "{st}");
+    write_atomic(&path, &running);
+    wait_for("the failure to clear", Duration::from_secs(5), || async {
+        let (_, m) = admin_get(admin, "/metrics").await;
+        (metric(&m, "apilb_config_last_reload_successful") == Some(1.0)).then_some(())
+    })
+    .await;
+    let (_, st) = admin_get(admin, "/status").await;
+    assert!(st.contains("\"last_reload_successful\":true"), "{st}");
+    assert_eq!(reloads(&h), (1, 1), "nothing was re-applied");
+    wait_serves(fe(&h), "b").await;
+    h.shutdown();
+    h.wait().await;
+}
