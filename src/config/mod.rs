@@ -4,6 +4,7 @@
 //! `Config`, collecting every problem with its field path. Nothing here opens a
 //! socket or starts a task.
 
+pub mod discovery;
 pub mod raw;
 mod validate;
 
@@ -166,6 +167,9 @@ pub struct PoolConfig {
     /// Upstream TLS for L7 frontends; checked here so a reload can refuse it.
     pub tls: Option<UpstreamTls>,
     pub health: HealthConfig,
+    /// Members from the cluster (issue 13): they replace `servers` (the
+    /// seeds) once discovery or its cache has given a set.
+    pub discovery: Option<discovery::KubernetesDiscovery>,
 }
 
 /// One backend as written in `servers`, with the address it resolved to.

@@ -64,6 +64,7 @@ pub struct RawPool {
     pub drain_timeout: Option<String>,
     pub tls: Option<RawUpstreamTls>,
     pub health: Option<RawHealth>,
+    pub discovery: Option<super::discovery::RawDiscovery>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -366,6 +366,10 @@ fn pool(errs: &mut Errors, i: usize, p: &RawPool) -> Option<PoolConfig> {
         }
     }
     let health = health(errs, &base, p.health.as_ref());
+    let discovery = p
+        .discovery
+        .as_ref()
+        .and_then(|d| super::discovery::check(&base, d, &mut errs.0));
     Some(PoolConfig {
         name: name?.to_string(),
         balance: balance?,
@@ -376,6 +380,7 @@ fn pool(errs: &mut Errors, i: usize, p: &RawPool) -> Option<PoolConfig> {
         drain_timeout,
         tls,
         health: health?,
+        discovery,
     })
 }
 
