@@ -11,6 +11,8 @@
 //!    classification.
 //! 3. [`proxy`]: services handed an accepted socket: `tcp` (L4 relay through
 //!    `pump`), `http` (L7 over `upstream` pools, `h1guard`).
+//! 3½. [`discovery`]: pool members from EndpointSlices, reported upward on a
+//!    channel (issue 13).
 //! 4. [`snapshot`]: the published `Snapshot`, `Frontend`/`FrontendKind`, and
 //!    `Shared`, the process-wide state.
 //! 5. [`listener`]: accept loops, `max_connections`, dispatch by kind.
@@ -25,6 +27,7 @@ pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod health;
 pub mod listener;
 pub mod metrics;

@@ -6,8 +6,8 @@
 //! byte path touches a plain atomic, never a label lookup.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub const BACKEND_UP: &str = "apilb_backend_up";
@@ -32,6 +32,9 @@ pub const HTTP_REQUESTS: &str = "apilb_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "apilb_http_request_duration_seconds";
 pub const HTTP_ACTIVE_STREAMS: &str = "apilb_http_active_streams";
 pub const LOCAL_ERRORS: &str = "apilb_local_errors_total";
+pub const DISCOVERY_ENDPOINTS: &str = "apilb_discovery_endpoints";
+pub const DISCOVERY_ERRORS: &str = "apilb_discovery_errors_total";
+pub const DISCOVERY_LAST_SYNC: &str = "apilb_discovery_last_sync_timestamp_seconds";
 
 /// Method label values: anything else is counted as `OTHER`, so a client
 /// cannot create series at will.
@@ -95,6 +98,25 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub last_reload_ok: IntGauge,
     pub last_reload_ts: Gauge,
+    discovery_endpoints: IntGaugeVec,
+    discovery_errors: IntCounterVec,
+    discovery_last_sync: GaugeVec,
+}
+
+/// Handles for one pool's EndpointSlice discovery.
+#[derive(Clone)]
+pub struct DiscoveryMetrics {
+    pub endpoints: IntGauge,
+    pub last_sync: Gauge,
+    errors: IntCounterVec,
+    pool: String,
+}
+
+impl DiscoveryMetrics {
+    /// `reason` is one of a few fixed words (config, list, watch, gone, empty, cache).
+    pub fn error(&self, reason: &str) {
+        self.errors.with_label_values(&[&self.pool, reason]).inc();
+    }
 }
 
 /// Handles for one backend, resolved once.
@@ -269,6 +291,24 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            discovery_endpoints: iv(
+                DISCOVERY_ENDPOINTS,
+                "Servers the pool's EndpointSlice discovery last reported",
+                &["pool"],
+            ),
+            discovery_errors: cv(
+                DISCOVERY_ERRORS,
+                "EndpointSlice discovery failures by reason (config, list, watch, gone, empty, cache)",
+                &["pool", "reason"],
+            ),
+            discovery_last_sync: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(DISCOVERY_LAST_SYNC, "Unix time of the last successful list or watch event"),
+                    &["pool"],
+                )
+                .unwrap(),
+            ),
             registry: r,
             series: std::sync::RwLock::new(()),
         };
@@ -388,6 +428,15 @@ impl Metrics {
     pub fn remove_pool(&self, pool: &str) {
         let _ = self.pool_up.remove_label_values(&[pool]);
         let _ = self.pool_all_down.remove_label_values(&[pool]);
+    }
+
+    pub fn discovery(&self, pool: &str) -> DiscoveryMetrics {
+        DiscoveryMetrics {
+            endpoints: self.discovery_endpoints.with_label_values(&[pool]),
+            last_sync: self.discovery_last_sync.with_label_values(&[pool]),
+            errors: self.discovery_errors.clone(),
+            pool: pool.to_string(),
+        }
     }
 
     pub fn frontend(&self, name: &str) -> FrontendMetrics {

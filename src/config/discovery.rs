@@ -34,6 +34,28 @@ pub struct RawKubernetes {
     pub cache_file: Option<String>,
 }
 
+/// Where a pool's servers came from (`/status` shows it per backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Members {
+    /// `servers` as written in the file.
+    #[default]
+    Seeds,
+    /// The EndpointSlices, as last listed or watched.
+    Discovery,
+    /// `cache_file`, read at start before discovery answered.
+    Cache,
+}
+
+impl Members {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Members::Seeds => "seeds",
+            Members::Discovery => "discovery",
+            Members::Cache => "cache",
+        }
+    }
+}
+
 /// A pool's members from the EndpointSlices of one Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubernetesDiscovery {

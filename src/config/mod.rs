@@ -170,6 +170,8 @@ pub struct PoolConfig {
     /// Members from the cluster (issue 13): they replace `servers` (the
     /// seeds) once discovery or its cache has given a set.
     pub discovery: Option<discovery::KubernetesDiscovery>,
+    /// Where `servers` came from: the file, or discovery's overlay.
+    pub members: discovery::Members,
 }
 
 /// One backend as written in `servers`, with the address it resolved to.

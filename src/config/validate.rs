@@ -381,6 +381,7 @@ fn pool(errs: &mut Errors, i: usize, p: &RawPool) -> Option<PoolConfig> {
         tls,
         health: health?,
         discovery,
+        members: Default::default(),
     })
 }
 
