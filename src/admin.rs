@@ -154,6 +154,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                     let probe = snap.monitor(b).and_then(|m| m.last_probe());
                     json!({
                         "server": b.server.key,
+                        "source": p.config.members.as_str(),
                         "addr": b.server.addr.to_string(),
                         "state": if b.is_healthy() { "up" } else { "down" },
                         "since": b.since(),

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::admin;
 use crate::config::Config;
+use crate::discovery;
 use crate::reload::{self, AdminListener, Reconciler, ReloadError};
 use crate::snapshot::Shared;
 
@@ -142,7 +143,8 @@ pub async fn start(config: Config) -> Result<Handle, ReloadError> {
 /// file, watches that file for changes.
 pub async fn start_with(config: Config, options: Options) -> Result<Handle, ReloadError> {
     let shared = Arc::new(Shared::new());
-    let mut reconciler = Reconciler::new(shared.clone());
+    let (discovered_tx, discovered_rx) = mpsc::channel(16);
+    let mut reconciler = Reconciler::new(shared.clone(), discovered_tx);
     let source = config.source.clone();
     let admin_listener = reconciler.apply(config, None).await?;
     let mut admin = AdminTask::default();
@@ -158,7 +160,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Handle, Relo
         admin,
         source,
     };
-    let task = tokio::spawn(ctl.run(rx, changed_rx));
+    let task = tokio::spawn(ctl.run(rx, changed_rx, discovered_rx));
     Ok(Handle {
         shared,
         control: tx,
@@ -201,12 +203,24 @@ struct Control {
 
 impl Control {
     /// Runs reload commands until shutdown, then drains connections.
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut changed: mpsc::Receiver<()>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut changed: mpsc::Receiver<()>,
+        mut discovered: mpsc::Receiver<discovery::Update>,
+    ) {
         loop {
             tokio::select! {
                 _ = self.shared.shutdown.cancelled() => break,
                 Some(()) = changed.recv() => {
                     let _ = self.reload(false).await;
+                }
+                Some(u) = discovered.recv() => {
+                    let pool = u.pool.clone();
+                    match self.reconciler.apply_discovered(u).await {
+                        Ok(a) => self.admin.replace(&self.shared, a),
+                        Err(e) => warn!(pool = %pool, error = %e, "discovered servers not applied; the pool keeps its servers"),
+                    }
                 }
                 cmd = rx.recv() => match cmd {
                     None => break,

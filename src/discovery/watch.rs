@@ -25,20 +25,31 @@ const WATCH_TIMEOUT_SECS: u32 = 290;
 const LIST_TIMEOUT: Duration = Duration::from_secs(30);
 const WATCH_SILENCE: Duration = Duration::from_secs(WATCH_TIMEOUT_SECS as u64 + 30);
 
+/// Carried across sessions.
+struct Progress {
+    backoff: Duration,
+    /// A set was reported since the task started: the first one found is
+    /// reported even when it equals `known` (it may have come from the cache).
+    reported: bool,
+}
+
 pub(super) async fn run(mut t: Task) {
-    let mut backoff = BACKOFF_MIN;
+    let mut p = Progress {
+        backoff: BACKOFF_MIN,
+        reported: false,
+    };
     let cancel = t.cancel.clone();
     loop {
         let r = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = session(&mut t, &mut backoff) => r,
+            r = session(&mut t, &mut p) => r,
         };
         if let Err(e) = r {
             t.metrics.error(e.reason());
             warn!(pool = %t.pool, error = %e, known = t.known.len(), "discovery failed; the last known set stays");
         }
-        let pause = backoff.mul_f64(0.5 + fastrand::f64());
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        let pause = p.backoff.mul_f64(0.5 + fastrand::f64());
+        p.backoff = (p.backoff * 2).min(BACKOFF_MAX);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
@@ -47,7 +58,7 @@ pub(super) async fn run(mut t: Task) {
 }
 
 /// One client: lists and watches until an error ends it.
-async fn session(t: &mut Task, backoff: &mut Duration) -> Result<(), DiscoveryError> {
+async fn session(t: &mut Task, p: &mut Progress) -> Result<(), DiscoveryError> {
     let cfg = client::kube_config(&t.config).await?;
     let c = client::client(&cfg, &t.server_name, t.connect_timeout, t.backends.clone())?;
     let api: Api<EndpointSlice> = Api::namespaced(c, &t.config.namespace);
@@ -64,9 +75,9 @@ async fn session(t: &mut Task, backoff: &mut Duration) -> Result<(), DiscoveryEr
             .into_iter()
             .map(|s| (s.metadata.name.clone().unwrap_or_default(), s))
             .collect();
-        *backoff = BACKOFF_MIN;
-        publish(t, &slices).await;
-        if watch(t, &api, &selector, &mut rv, &mut slices).await? {
+        p.backoff = BACKOFF_MIN;
+        publish(t, p, &slices).await;
+        if watch(t, p, &api, &selector, &mut rv, &mut slices).await? {
             info!(pool = %t.pool, "watch expired (410 Gone); relisting");
             t.metrics.error("gone");
         }
@@ -76,6 +87,7 @@ async fn session(t: &mut Task, backoff: &mut Duration) -> Result<(), DiscoveryEr
 /// Watches from `rv` until the history is gone (`Ok(true)`: relist) or an error.
 async fn watch(
     t: &mut Task,
+    p: &mut Progress,
     api: &Api<EndpointSlice>,
     selector: &str,
     rv: &mut String,
@@ -102,12 +114,12 @@ async fn watch(
                 WatchEvent::Added(s) | WatchEvent::Modified(s) => {
                     *rv = s.metadata.resource_version.clone().unwrap_or_default();
                     slices.insert(s.metadata.name.clone().unwrap_or_default(), s);
-                    publish(t, slices).await;
+                    publish(t, p, slices).await;
                 }
                 WatchEvent::Deleted(s) => {
                     *rv = s.metadata.resource_version.clone().unwrap_or_default();
                     slices.remove(s.metadata.name.as_deref().unwrap_or_default());
-                    publish(t, slices).await;
+                    publish(t, p, slices).await;
                 }
                 WatchEvent::Bookmark(b) => {
                     *rv = b.metadata.resource_version;
@@ -123,7 +135,7 @@ async fn watch(
 }
 
 /// Reports the set when it changed; an empty one keeps the last known set.
-async fn publish(t: &mut Task, slices: &BTreeMap<String, EndpointSlice>) {
+async fn publish(t: &mut Task, p: &mut Progress, slices: &BTreeMap<String, EndpointSlice>) {
     t.metrics.last_sync.set(unix_now() as f64);
     let servers = servers_of(slices.values(), &t.config.port_name);
     if servers.is_empty() {
@@ -132,9 +144,10 @@ async fn publish(t: &mut Task, slices: &BTreeMap<String, EndpointSlice>) {
         return;
     }
     t.metrics.endpoints.set(servers.len() as i64);
-    if servers == t.known {
+    if servers == t.known && p.reported {
         return;
     }
+    p.reported = true;
     info!(pool = %t.pool, servers = ?servers, "discovered servers changed");
     t.known = servers.clone();
     save(t, &servers).await;

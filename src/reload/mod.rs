@@ -4,6 +4,7 @@
 //! one store, then reconcile accept loops, probes and drains). The
 //! `Reconciler` is the only writer of the snapshot.
 
+mod discovered;
 pub mod plan;
 pub mod watch;
 
@@ -16,12 +17,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::balancer::{unix_now, Backend, Pool, PoolState};
 use crate::config::{self, CheckKind, Config, ConfigError, HealthConfig, Mode, ServerConfig};
+use crate::discovery;
 use crate::health::{self, Monitor};
 use crate::net::{self, Bound};
 use crate::proxy::{http, tcp, upstream::Upstream};
@@ -103,11 +106,16 @@ pub struct Reconciler {
     /// (a touch, another file in the directory) changes nothing.
     last_bytes: Option<Vec<u8>>,
     started: bool,
+    /// Discovery's overlay on the config as given: see `discovered.rs`.
+    discovery: discovered::Overlay,
 }
 
 impl Reconciler {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    /// `updates`: where the pools' discovery tasks report (the control loop
+    /// hands what arrives to `apply_discovered`).
+    pub fn new(shared: Arc<Shared>, updates: mpsc::Sender<discovery::Update>) -> Self {
         Reconciler {
+            discovery: discovered::Overlay::new(updates),
             shared,
             listeners: HashMap::new(),
             probes: HashMap::new(),
@@ -187,11 +195,50 @@ impl Reconciler {
     }
 
     /// Applies a checked config, all or nothing: before the snapshot store
-    /// nothing live is touched; after it nothing can fail.
+    /// nothing live is touched; after it nothing can fail. What runs is the
+    /// desired state: `cfg` with discovered servers in place of the seeds.
     pub async fn apply(
         &mut self,
         cfg: Config,
         bytes: Option<Vec<u8>>,
+    ) -> Result<Option<AdminListener>, ReloadError> {
+        self.discovery.load_caches(&cfg);
+        let desired = self.discovery.desired(&cfg, &self.shared.snapshot.load());
+        let admin = self.apply_desired(desired, true).await?;
+        if bytes.is_some() {
+            self.last_bytes = bytes;
+        }
+        self.discovery.set_base(cfg);
+        self.reconcile_discovery();
+        Ok(admin)
+    }
+
+    /// A pool's discovery reported a new set: applied like a reload of the
+    /// same file (kept servers keep their health, new ones are probed first).
+    pub async fn apply_discovered(
+        &mut self,
+        u: discovery::Update,
+    ) -> Result<Option<AdminListener>, ReloadError> {
+        let Some(prev) = self.discovery.record(&u) else {
+            return Ok(None);
+        };
+        let base = self
+            .discovery
+            .base()
+            .expect("record() needs a base")
+            .clone();
+        let desired = self.discovery.desired(&base, &self.shared.snapshot.load());
+        let r = self.apply_desired(desired, false).await;
+        if r.is_err() {
+            self.discovery.restore(&u.pool, prev);
+        }
+        r
+    }
+
+    async fn apply_desired(
+        &mut self,
+        cfg: Config,
+        reload: bool,
     ) -> Result<Option<AdminListener>, ReloadError> {
         let old = self.shared.snapshot.load_full();
         let plan = plan(self.started.then_some(&*old.config), &cfg);
@@ -199,14 +246,41 @@ impl Reconciler {
         if self.started && old.config.workers != cfg.workers {
             warn!("workers changed; the runtime keeps its threads until the next restart");
         }
-        if bytes.is_some() {
-            self.last_bytes = bytes;
-        }
-        Ok(self.commit(cfg, plan, prepared))
+        Ok(self.commit(cfg, plan, prepared, reload))
+    }
+
+    /// Starts, restarts and stops the pools' discovery tasks.
+    fn reconcile_discovery(&mut self) {
+        let shared = self.shared.clone();
+        self.discovery
+            .reconcile(&shared.shutdown, &shared.metrics, |pool| {
+                let shared = shared.clone();
+                let pool: Arc<str> = pool.into();
+                Arc::new(move || {
+                    let snap = shared.snapshot.load();
+                    let Some(p) = snap.pools.get(&pool) else {
+                        return Vec::new();
+                    };
+                    let addrs = p.backends.iter().map(|b| (b.server.addr, b.is_healthy()));
+                    let up: Vec<SocketAddr> = addrs.clone().filter(|a| a.1).map(|a| a.0).collect();
+                    if up.is_empty() {
+                        addrs.map(|a| a.0).collect()
+                    } else {
+                        up
+                    }
+                })
+            });
     }
 
     /// Publishes the next snapshot and reconciles tasks. Cannot fail.
-    fn commit(&mut self, cfg: Config, plan: Plan, mut prep: Prepared) -> Option<AdminListener> {
+    /// `reload`: a config was applied (not only a discovery change).
+    fn commit(
+        &mut self,
+        cfg: Config,
+        plan: Plan,
+        mut prep: Prepared,
+        reload: bool,
+    ) -> Option<AdminListener> {
         let old = self.shared.snapshot.load_full();
         let metrics = self.shared.metrics.clone();
         let series = metrics.series.write().unwrap_or_else(|p| p.into_inner());
@@ -228,8 +302,10 @@ impl Reconciler {
         });
         self.shared.snapshot.store(next.clone());
         drop(series);
-        metrics.last_reload_ok.set(1);
-        metrics.last_reload_ts.set(unix_now() as f64);
+        if reload {
+            metrics.last_reload_ok.set(1);
+            metrics.last_reload_ts.set(unix_now() as f64);
+        }
 
         self.reconcile_listeners(&next, plan, prep.listeners);
         self.reconcile_probes(&next);
