@@ -10,8 +10,8 @@
 //!    health flag) and probe tasks; [`net`]: connect, tuning, binding, fault
 //!    classification.
 //! 3. [`proxy`]: services handed an accepted socket: `tcp` (L4 relay through
-//!    `pump`), `http` (L7 over `upstream` pools, `h1guard`).
-//! 3½. [`discovery`]: pool members from EndpointSlices, reported upward on a
+//!    `pump`), `http` (L7 over `upstream` pools, `h1guard`); beside it
+//!    [`discovery`]: pool members from EndpointSlices, reported upward on a
 //!    channel (issue 13).
 //! 4. [`snapshot`]: the published `Snapshot`, `Frontend`/`FrontendKind`, and
 //!    `Shared`, the process-wide state.
