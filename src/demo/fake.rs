@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::fake_endpoints::EndpointStore;
 use crate::tls::{self, TlsError};
 
 /// What the fake reports from `/version` (`kubectl version` reads it).
@@ -50,6 +51,8 @@ pub struct FakeState {
     /// HTTP requests served.
     requests: AtomicUsize,
     last_client_cn: Mutex<Option<String>>,
+    /// EndpointSlices this fake serves (`serve_endpoints`).
+    endpoints: OnceLock<Arc<EndpointStore>>,
 }
 
 /// A running fake apiserver; `kill` (or drop) stops it and cuts its connections.
@@ -101,6 +104,7 @@ impl FakeApiserver {
             connections: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             last_client_cn: Mutex::new(None),
+            endpoints: OnceLock::new(),
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(
@@ -147,6 +151,12 @@ impl FakeApiserver {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Serves the EndpointSlices of `store` (list, watch) to clients with a
+    /// verified certificate; every fake of a cluster shares one store.
+    pub fn serve_endpoints(&self, store: Arc<EndpointStore>) {
+        let _ = self.state.endpoints.set(store);
     }
 
     /// Stops listening and cuts every open connection (a crashed apiserver).
@@ -255,6 +265,13 @@ async fn handle(
     let name = state.name.as_str();
     let path = req.uri().path();
     let query = req.uri().query().unwrap_or("");
+    if let Some(store) = state.endpoints.get() {
+        if let Some(mut r) = store.handle(path, query, cn.is_some(), stop) {
+            r.headers_mut()
+                .insert("x-fake-server", name.parse().expect("header value"));
+            return r;
+        }
+    }
     const JSON: &str = "application/json";
     const TEXT: &str = "text/plain; charset=utf-8";
     match path {
@@ -437,7 +454,7 @@ fn watch(opts: &FakeOptions, stop: CancellationToken, server: &str) -> Resp {
 }
 
 /// A response body fed from a channel: each message is sent as it arrives.
-struct ChannelBody(mpsc::Receiver<Bytes>);
+pub(super) struct ChannelBody(pub(super) mpsc::Receiver<Bytes>);
 
 impl Body for ChannelBody {
     type Data = Bytes;

@@ -2,6 +2,7 @@
 //! and a kubeconfig in a temp dir, and the commands to try. No file, no root.
 
 pub mod fake;
+pub mod fake_endpoints;
 pub mod pki;
 
 use std::future::Future;
@@ -13,6 +14,7 @@ use crate::reload::ReloadError;
 use crate::runtime;
 
 pub use fake::{FakeApiserver, FakeError, FakeOptions};
+pub use fake_endpoints::{EndpointStore, FakeEndpoint};
 pub use pki::{Ca, Leaf};
 
 #[derive(Debug, thiserror::Error)]
