@@ -413,6 +413,22 @@ fn serde_parser_follows_renames_lists_and_flatten() {
     assert_eq!(out, want.iter().map(|s| s.to_string()).collect());
 }
 
+#[test]
+fn operations_page_lists_every_metric() {
+    let src = std::fs::read_to_string(repo().join("src/metrics.rs")).unwrap();
+    let names: Vec<&str> = src
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| s.starts_with("apilb_") && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .collect();
+    // 21 apilb_* metrics today; fewer means the scan broke.
+    assert!(names.len() >= 21, "found only {names:?} in src/metrics.rs");
+    let ops = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
+    let missing: Vec<_> = names.iter().filter(|n| !ops.contains(&format!("`{n}`"))).collect();
+    assert!(missing.is_empty(), "docs/operations.md does not describe {missing:?}");
+}
+
 /// Every `.md` file, plus `.txt` files under deploy/ (which may hold links).
 fn markdown_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
