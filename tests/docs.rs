@@ -420,13 +420,21 @@ fn operations_page_lists_every_metric() {
         .split('"')
         .skip(1)
         .step_by(2)
-        .filter(|s| s.starts_with("apilb_") && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|s| {
+            s.starts_with("apilb_") && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
         .collect();
     // 21 apilb_* metrics today; fewer means the scan broke.
     assert!(names.len() >= 21, "found only {names:?} in src/metrics.rs");
     let ops = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
-    let missing: Vec<_> = names.iter().filter(|n| !ops.contains(&format!("`{n}`"))).collect();
-    assert!(missing.is_empty(), "docs/operations.md does not describe {missing:?}");
+    let missing: Vec<_> = names
+        .iter()
+        .filter(|n| !ops.contains(&format!("`{n}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/operations.md does not describe {missing:?}"
+    );
 }
 
 /// Every `.md` file, plus `.txt` files under deploy/ (which may hold links).
