@@ -1,4 +1,4 @@
-//! Side-by-side benchmark following ../shared/BENCHMARKS.md: apilb against
+//! Side-by-side benchmark following the protocol in docs/performance.md: apilb against
 //! HAProxy, nginx (stream, and http for L7) and a direct connection, in one
 //! run on one machine, arms interleaved, only ratios reported.
 //!
@@ -1030,7 +1030,7 @@ fn main() {
     let report = format!(
         "# Benchmark results\n\n\
          Date: {date} · machine: {cpus} cores, {uname} · command: `{cmd}`\n\n\
-         Protocol: ../shared/BENCHMARKS.md. Proxies pinned to CPU 1 with one worker (apilb `workers: 1`, HAProxy `nbthread 1`, nginx `worker_processes 1`); \
+         Protocol: docs/performance.md. Proxies pinned to CPU 1 with one worker (apilb `workers: 1`, HAProxy `nbthread 1`, nginx `worker_processes 1`); \
          wrk/h2load/curl and the backends (three plain HTTP and three TLS listeners in one process) on CPU 0. \
          {runs} measured run(s) of {secs} s per arm{warm}, arms interleaved; cells are median (min–max); ⚠ marks a spread above 5 %. \
          Health checks off except in the `+checks` lines (2 s). HAProxy runs with `maxconn 7500` instead of the protocol's 50000, which would need 125,000 descriptors against this machine's hard limit of 20,000. nginx's L7 arm speaks HTTP/1.1 keep-alive upstream (nginx 1.22 cannot do HTTP/2 upstream) with `keepalive 1024` idle upstream connections and `keepalive_requests` raised (its default of 1,000 closes busy HTTP/2 client connections mid-run); apilb and HAProxy use HTTP/2 upstream. Scenario d starts fresh proxy processes each round: a process that once held 5,000 connections keeps its heap. \

@@ -70,9 +70,14 @@ fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
         _ => tracing_subscriber::EnvFilter::try_new(level)
             .with_context(|| format!("invalid --log-level {level:?}"))?,
     };
+    // Colour only for a person at a terminal: never in files, pipes or
+    // journald, and never when NO_COLOR is set to anything (no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder

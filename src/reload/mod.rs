@@ -38,17 +38,17 @@ pub use watch::DEBOUNCE;
 pub enum ReloadError {
     #[error("{0}")]
     Config(#[from] ConfigError),
-    #[error("{field}: cannot listen on {addr}: {source}")]
+    // The cause is part of the message (one line per error in logs and
+    // `check` output), so it is not also exposed as `source`: printed as a
+    // chain it would appear twice.
+    #[error("{field}: cannot listen on {addr}: {error}")]
     Bind {
         field: String,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{field}: {source}")]
-    Tls {
-        field: String,
-        source: tls::TlsError,
-    },
+    #[error("{field}: {error}")]
+    Tls { field: String, error: tls::TlsError },
     #[error("no config file to reload (started from an in-memory config)")]
     NoSource,
     #[error("apilb is stopping")]
@@ -597,18 +597,18 @@ impl Reconciler {
 async fn prepare(cfg: &Config, plan: &Plan) -> Result<Prepared, ReloadError> {
     let mut listeners = HashMap::new();
     for (i, name, addr) in &plan.bind {
-        let b = net::bind(*addr).map_err(|source| ReloadError::Bind {
+        let b = net::bind(*addr).map_err(|error| ReloadError::Bind {
             field: format!("frontends[{i}].listen"),
             addr: *addr,
-            source,
+            error,
         })?;
         listeners.insert(name.clone(), b);
     }
     let admin = match plan.admin_bind {
-        Some(addr) => Some(net::bind(addr).map_err(|source| ReloadError::Bind {
+        Some(addr) => Some(net::bind(addr).map_err(|error| ReloadError::Bind {
             field: "admin.listen".into(),
             addr,
-            source,
+            error,
         })?),
         None => None,
     };
@@ -639,18 +639,18 @@ fn http_material(
                     .iter()
                     .position(|p| p.name == fe.pool)
                     .unwrap_or(0);
-                let u = Upstream::new(&cfg.pools[pi]).map_err(|source| ReloadError::Tls {
+                let u = Upstream::new(&cfg.pools[pi]).map_err(|error| ReloadError::Tls {
                     field: format!("pools[{pi}].tls"),
-                    source,
+                    error,
                 })?;
                 let u = Arc::new(u);
                 upstreams.insert(fe.pool.as_str(), u.clone());
                 u
             }
         };
-        let acceptor = http::acceptor(settings).map_err(|source| ReloadError::Tls {
+        let acceptor = http::acceptor(settings).map_err(|error| ReloadError::Tls {
             field: format!("frontends[{i}].tls"),
-            source,
+            error,
         })?;
         out.insert(fe.name.clone(), (acceptor, up));
     }
