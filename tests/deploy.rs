@@ -65,11 +65,26 @@ fn prometheus_rules_check_and_their_tests_pass() {
 
 #[test]
 fn systemd_unit_verifies() {
+    verify_unit(&deploy().join("systemd/apilb.service"));
+}
+
+#[test]
+fn node_local_systemd_unit_verifies() {
+    let unit = deploy().join("node-local/apilb-node-local.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    for key in ["StateDirectory=apilb", "Before=kubelet.service"] {
+        assert!(text.contains(key), "apilb-node-local.service lacks {key}");
+    }
+    verify_unit(&unit);
+}
+
+/// The unit has the hardening every apilb unit needs and passes
+/// `systemd-analyze verify` without a finding.
+fn verify_unit(unit: &Path) {
     let Some(_) = require_tool("systemd-analyze") else {
         return;
     };
-    let unit = deploy().join("systemd/apilb.service");
-    let text = std::fs::read_to_string(&unit).unwrap();
+    let text = std::fs::read_to_string(unit).unwrap();
     for key in [
         "User=apilb",
         "Restart=on-failure",
@@ -86,7 +101,7 @@ fn systemd_unit_verifies() {
         "CapabilityBoundingSet=",
         "LimitNOFILE=",
     ] {
-        assert!(text.contains(key), "apilb.service lacks {key}");
+        assert!(text.contains(key), "{} lacks {key}", unit.display());
     }
     // verify checks that ExecStart's binary exists: put a stand-in at
     // /usr/local/bin/apilb inside a private mount namespace only (needs root).
@@ -182,4 +197,56 @@ fn containerfile_builds_apilb_into_a_minimal_image() {
     assert!(text.contains("cargo build --release --locked"));
     assert!(text.contains("distroless"));
     assert!(text.contains("ENTRYPOINT [\"/usr/local/bin/apilb\"]"));
+}
+
+#[test]
+fn node_local_manifests_parse_and_grant_only_endpointslices() {
+    let dir = deploy().join("node-local");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    // The config uses only keys apilb knows, and the node-local address.
+    let raw: apilb::config::raw::RawConfig = serde_yaml::from_str(&read("apilb.yaml")).unwrap();
+    assert_eq!(raw.frontends[0].listen.as_deref(), Some("127.0.0.1:7445"));
+    let k = raw.pools[0]
+        .discovery
+        .as_ref()
+        .unwrap()
+        .kubernetes
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        k.kubeconfig.as_deref(),
+        Some("/etc/apilb/discovery.kubeconfig")
+    );
+    let kc = kube::config::Kubeconfig::from_yaml(&read("discovery.kubeconfig")).unwrap();
+    assert_eq!(kc.current_context.as_deref(), Some("apilb-discovery"));
+    // RBAC: one Role in default with get/list/watch on endpointslices only.
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&read("rbac.yaml"))
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["ServiceAccount", "Secret", "Role", "RoleBinding"]);
+    let role = &docs[2];
+    assert_eq!(role["metadata"]["namespace"], "default");
+    let rules = role["rules"].as_sequence().unwrap();
+    assert_eq!(rules.len(), 1, "one rule, nothing else");
+    assert_eq!(serde_yaml::to_string(&rules[0]).unwrap(),
+        "apiGroups:\n- discovery.k8s.io\nresources:\n- endpointslices\nverbs:\n- get\n- list\n- watch\n");
+    assert_eq!(docs[3]["roleRef"]["name"], "apilb-discovery");
+    // The static pod keeps a writable cache directory.
+    let pod: serde_yaml::Value = serde_yaml::from_str(&read("apilb-static-pod.yaml")).unwrap();
+    assert_eq!(pod["kind"], "Pod");
+    assert_eq!(pod["spec"]["hostNetwork"], true);
+    let vols = serde_yaml::to_string(&pod["spec"]["volumes"]).unwrap();
+    assert!(vols.contains("/var/lib/apilb"), "{vols}");
+    if let Some(kubectl) = require_tool("kubectl") {
+        for f in ["rbac.yaml", "apilb-static-pod.yaml"] {
+            let out = run_ok(
+                Command::new(&kubectl)
+                    .args(["label", "--local", "--dry-run=client", "-o", "name", "-f"])
+                    .arg(dir.join(f))
+                    .arg("verify=ok"),
+            );
+            assert!(!out.trim().is_empty(), "{f}: {out}");
+        }
+    }
 }
