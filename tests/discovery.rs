@@ -346,3 +346,36 @@ async fn continuous_connections_through_tcp_frontend_while_the_set_changes() {
     h.shutdown();
     h.wait().await;
 }
+
+#[tokio::test]
+async fn a_yaml_reload_and_discovery_compose() {
+    let c = Cluster::new().await;
+    c.set(&[1, 2, 3], &[]);
+    let path = c.pki.dir.path().join("apilb.yaml");
+    std::fs::write(&path, c.yaml()).unwrap();
+    let h = common::start_file(&path).await;
+    wait_members(&h, &c, &[1, 2, 3], "discovery").await;
+    let before = h.shared().snapshot.load().pools["p"].backends.clone();
+
+    // A new seed in the file: discovery's members stay, with their health.
+    let reseeded = c
+        .yaml()
+        .replace(&c.addr(1).to_string(), &c.addr(4).to_string());
+    common::write_atomic(&path, &reseeded);
+    h.reload().await.unwrap();
+    wait_members(&h, &c, &[1, 2, 3], "discovery").await;
+    let after = h.shared().snapshot.load().pools["p"].backends.clone();
+    assert!(before.iter().zip(&after).all(|(b, a)| Arc::ptr_eq(b, a)));
+
+    // Discovery still changes the members after the reload.
+    c.set(&[2, 3], &[]);
+    wait_members(&h, &c, &[2, 3], "discovery").await;
+
+    // Without the discovery section the file's seeds are the pool again.
+    let plain = reseeded.split("    discovery:").next().unwrap().to_string();
+    common::write_atomic(&path, &plain);
+    h.reload().await.unwrap();
+    wait_members(&h, &c, &[4], "seeds").await;
+    h.shutdown();
+    h.wait().await;
+}
