@@ -430,6 +430,13 @@ impl Metrics {
         let _ = self.pool_all_down.remove_label_values(&[pool]);
     }
 
+    /// Drops a pool's discovery gauges when its discovery stops (the error
+    /// counters stay: they only ever grow).
+    pub fn remove_discovery(&self, pool: &str) {
+        let _ = self.discovery_endpoints.remove_label_values(&[pool]);
+        let _ = self.discovery_last_sync.remove_label_values(&[pool]);
+    }
+
     pub fn discovery(&self, pool: &str) -> DiscoveryMetrics {
         DiscoveryMetrics {
             endpoints: self.discovery_endpoints.with_label_values(&[pool]),

@@ -376,6 +376,12 @@ async fn a_yaml_reload_and_discovery_compose() {
     common::write_atomic(&path, &plain);
     h.reload().await.unwrap();
     wait_members(&h, &c, &[4], "seeds").await;
+    let m = metrics(&h).await;
+    assert_eq!(
+        metric(&m, "apilb_discovery_endpoints{pool=\"p\"}"),
+        None,
+        "gauge dropped"
+    );
     h.shutdown();
     h.wait().await;
 }

@@ -158,6 +158,9 @@ impl Overlay {
             if !keep {
                 info!(pool = %pool, "discovery stopped");
                 t.stop.cancel();
+                if !wanted.contains_key(pool) {
+                    metrics.remove_discovery(pool);
+                }
             }
             keep
         });
