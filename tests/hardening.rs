@@ -241,3 +241,365 @@ async fn special_files_and_deep_yaml_are_refused_within_a_second() {
     h.shutdown();
     h.wait().await;
 }
+
+/// A TLS backend (h2 and http/1.1) that answers every request with the
+/// headers and trailers it received, as JSON.
+struct Mirror {
+    addr: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn as_json(h: &http::HeaderMap) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for k in h.keys() {
+        let v: Vec<_> = h
+            .get_all(k)
+            .iter()
+            .map(|v| serde_json::Value::from(String::from_utf8_lossy(v.as_bytes())))
+            .collect();
+        m.insert(k.as_str().to_string(), v.into());
+    }
+    m.into()
+}
+
+async fn mirror(
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    use http_body_util::BodyExt;
+    let (parts, body) = req.into_parts();
+    let collected = body.collect().await.ok();
+    let trailers = collected
+        .as_ref()
+        .and_then(|c| c.trailers().cloned())
+        .unwrap_or_default();
+    let v = serde_json::json!({
+        "headers": as_json(&parts.headers),
+        "trailers": as_json(&trailers),
+        "body": collected.map(|c| String::from_utf8_lossy(&c.to_bytes()).into_owned()),
+    });
+    Ok(hyper::Response::new(http_body_util::Full::new(
+        v.to_string().into(),
+    )))
+}
+
+impl Mirror {
+    async fn start(pki: &Pki) -> Self {
+        let cfg = apilb::tls::server_config(
+            pki.serving.cert_pem.as_bytes(),
+            pki.serving.key_pem.as_bytes(),
+            apilb::tls::ClientAuth::None,
+            &[b"h2", b"http/1.1"],
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let sock = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = listener.accept() => match r { Ok((x, _)) => x, Err(_) => continue },
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let b = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    let _ = b
+                        .serve_connection(
+                            hyper_util::rt::TokioIo::new(tls),
+                            hyper::service::service_fn(mirror),
+                        )
+                        .await;
+                });
+            }
+        });
+        Mirror { addr, stop }
+    }
+}
+
+/// apilb with two L7 frontends (`fe`: defaults plus `strip_headers`, verified
+/// client certificates; `fe2`: `forwarded_for: append`) in front of a Mirror.
+struct Identity {
+    pki: Pki,
+    /// The CA of client certificates (client_ca_file).
+    client_ca: (rcgen::Certificate, rcgen::KeyPair),
+    _mirror: Mirror,
+    h: apilb::Handle,
+}
+
+impl Identity {
+    async fn start() -> Self {
+        let pki = Pki::new();
+        let m = Mirror::start(&pki).await;
+        let dir = pki.dir.path();
+        let (fp_crt, fp_key) = pki
+            .ca
+            .client("front-proxy-client", None)
+            .unwrap()
+            .write(dir, "fp")
+            .unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "client-ca");
+        let ca_cert = p.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("client-ca.crt"), ca_cert.pem()).unwrap();
+        let tls = format!(
+            "    tls:\n      cert_file: {}\n      key_file: {}\n      client_ca_file: {}\n",
+            dir.join("server.crt").display(),
+            dir.join("server.key").display(),
+            dir.join("client-ca.crt").display()
+        );
+        let yaml = format!(
+            "admin:\n  listen: 127.0.0.1:0\nfrontends:\n  - name: fe\n    listen: 127.0.0.1:0\n    mode: http\n    pool: p\n    strip_headers: [X-Custom-User]\n{tls}\
+             \x20 - name: fe2\n    listen: 127.0.0.1:0\n    mode: http\n    pool: p\n    forwarded_for: append\n{tls}\
+             pools:\n  - name: p\n    servers: ['{}']\n    health:\n      check: none\n    tls:\n      ca_file: {}\n      server_name: kubernetes\n      front_proxy_cert_file: {}\n      front_proxy_key_file: {}\n",
+            m.addr,
+            pki.ca_file.display(),
+            fp_crt.display(),
+            fp_key.display()
+        );
+        let h = start_yaml(&yaml).await;
+        Identity {
+            pki,
+            client_ca: (ca_cert, ca_key),
+            _mirror: m,
+            h,
+        }
+    }
+
+    fn tls(
+        &self,
+        identity: Option<&apilb::demo::Leaf>,
+        alpn: &[u8],
+    ) -> std::sync::Arc<rustls::ClientConfig> {
+        let mut c = (*self.pki.client_config(identity)).clone();
+        c.alpn_protocols = vec![alpn.to_vec()];
+        std::sync::Arc::new(c)
+    }
+
+    async fn connect(
+        &self,
+        fe: &str,
+        identity: Option<&apilb::demo::Leaf>,
+        alpn: &[u8],
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(self.h.frontend_addr(fe).unwrap())
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("kubernetes").unwrap();
+        tokio_rustls::TlsConnector::from(self.tls(identity, alpn))
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    }
+
+    /// Writes one raw HTTP/1.1 request (with `Connection: close`) and returns
+    /// the mirror's JSON.
+    async fn h1_raw(
+        &self,
+        fe: &str,
+        identity: Option<&apilb::demo::Leaf>,
+        req: &str,
+    ) -> serde_json::Value {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = self.connect(fe, identity, b"http/1.1").await;
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let body = &text[text.find('{').unwrap()..=text.rfind('}').unwrap()];
+        serde_json::from_str(body).unwrap()
+    }
+}
+
+fn values<'a>(v: &'a serde_json::Value, part: &str, name: &str) -> Vec<&'a str> {
+    v[part][name]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default()
+}
+
+/// A request body of fixed frames (data, then trailers).
+struct Frames(std::collections::VecDeque<hyper::body::Frame<bytes::Bytes>>);
+
+impl hyper::body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+/// Point 8: every `X-Remote-*` header and every `strip_headers` name is
+/// removed from the head and from HTTP/1.1 and HTTP/2 trailers.
+#[tokio::test]
+async fn identity_headers_are_removed_from_heads_and_trailers() {
+    let t = Identity::start().await;
+    let v = t
+        .h1_raw(
+            "fe",
+            None,
+            "POST /api/v1/namespaces HTTP/1.1\r\nHost: kubernetes\r\nConnection: close\r\nX-Remote-Uid: 0\r\nX-Remote-User: admin\r\nX-Custom-User: root\r\nX-Ok: 1\r\n\
+             Transfer-Encoding: chunked\r\nTrailer: X-Remote-Uid, X-Custom-User, X-Ok-T\r\n\r\n5\r\nhello\r\n0\r\nX-Remote-Uid: 0\r\nX-Remote-Group: system:masters\r\nX-Custom-User: root\r\nX-Ok-T: 1\r\n\r\n",
+        )
+        .await;
+    assert_eq!(v["body"], "hello");
+    for name in ["x-remote-uid", "x-remote-user", "x-custom-user"] {
+        assert!(values(&v, "headers", name).is_empty(), "{name}: {v}");
+    }
+    assert_eq!(values(&v, "headers", "x-ok"), ["1"]);
+    for name in ["x-remote-uid", "x-remote-group", "x-custom-user"] {
+        assert!(
+            values(&v, "trailers", name).is_empty(),
+            "trailer {name}: {v}"
+        );
+    }
+    assert_eq!(values(&v, "trailers", "x-ok-t"), ["1"], "{v}");
+
+    // HTTP/2: trailing HEADERS.
+    let s = t.connect("fe", None, b"h2").await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(s),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-remote-uid", "0".parse().unwrap());
+    trailers.insert("x-remote-extra-scopes", "all".parse().unwrap());
+    trailers.insert("x-custom-user", "root".parse().unwrap());
+    trailers.insert("x-ok-t", "2".parse().unwrap());
+    let body = Frames(
+        [
+            hyper::body::Frame::data(bytes::Bytes::from_static(b"hi")),
+            hyper::body::Frame::trailers(trailers),
+        ]
+        .into(),
+    );
+    let req = hyper::Request::post("https://kubernetes/api/v1/namespaces")
+        .header("x-remote-uid", "0")
+        .body(body)
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    use http_body_util::BodyExt;
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["body"], "hi");
+    assert!(values(&v, "headers", "x-remote-uid").is_empty(), "{v}");
+    for name in ["x-remote-uid", "x-remote-extra-scopes", "x-custom-user"] {
+        assert!(
+            values(&v, "trailers", name).is_empty(),
+            "h2 trailer {name}: {v}"
+        );
+    }
+    assert_eq!(values(&v, "trailers", "x-ok-t"), ["2"], "{v}");
+    t.h.shutdown();
+    t.h.wait().await;
+}
+
+/// Point 9: X-Forwarded-For, X-Real-Ip and Forwarded from the client are
+/// dropped by default (X-Forwarded-For is the client's address only), and
+/// kept with the address appended under `forwarded_for: append`.
+#[tokio::test]
+async fn forwarding_headers_are_replaced_by_default_and_appended_on_request() {
+    let t = Identity::start().await;
+    let req = "GET /version HTTP/1.1\r\nHost: kubernetes\r\nConnection: close\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-Ip: 7.7.7.7\r\nForwarded: for=8.8.8.8\r\n\r\n";
+    let v = t.h1_raw("fe", None, req).await;
+    assert_eq!(
+        values(&v, "headers", "x-forwarded-for"),
+        ["127.0.0.1"],
+        "{v}"
+    );
+    assert!(values(&v, "headers", "x-real-ip").is_empty(), "{v}");
+    assert!(values(&v, "headers", "forwarded").is_empty(), "{v}");
+    let v = t.h1_raw("fe2", None, req).await;
+    assert_eq!(
+        values(&v, "headers", "x-forwarded-for"),
+        ["6.6.6.6, 127.0.0.1"],
+        "{v}"
+    );
+    assert_eq!(values(&v, "headers", "x-real-ip"), ["7.7.7.7"]);
+    t.h.shutdown();
+    t.h.wait().await;
+}
+
+/// Point 10: several CNs (the last wins, as in Go), a BMPString CN, several
+/// O (each a group) and a UTF8String O map as the apiserver maps them.
+#[tokio::test]
+async fn client_certificates_map_as_the_apiserver_maps_them() {
+    use rcgen::{DnType, DnValue};
+    let t = Identity::start().await;
+    let cn = DnType::CustomDnType(vec![2, 5, 4, 3]);
+    let o = DnType::CustomDnType(vec![2, 5, 4, 10]);
+    let cert = |dn: Vec<(DnType, DnValue)>| {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        for (k, v) in dn {
+            p.distinguished_name.push(k, v);
+        }
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let c = p.signed_by(&key, &t.client_ca.0, &t.client_ca.1).unwrap();
+        apilb::demo::Leaf {
+            cert_pem: c.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    };
+    let bmp = |s: &str| DnValue::BmpString(s.try_into().unwrap());
+    let cases = [
+        (
+            vec![
+                (DnType::CommonName, DnValue::from("first")),
+                (DnType::OrganizationName, DnValue::from("dev")),
+                (cn.clone(), bmp("jänë")),
+                (o.clone(), bmp("öps")),
+            ],
+            "jänë",
+            vec!["dev", "öps"],
+        ),
+        (
+            vec![
+                (
+                    DnType::OrganizationName,
+                    DnValue::PrintableString("a".try_into().unwrap()),
+                ),
+                (DnType::CommonName, DnValue::Utf8String("łukasz".into())),
+            ],
+            "łukasz",
+            vec!["a"],
+        ),
+    ];
+    for (dn, user, groups) in cases {
+        let leaf = cert(dn);
+        let v = t
+            .h1_raw(
+                "fe",
+                Some(&leaf),
+                "GET /version HTTP/1.1\r\nHost: kubernetes\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+        assert_eq!(values(&v, "headers", "x-remote-user"), [user], "{v}");
+        assert_eq!(values(&v, "headers", "x-remote-group"), groups, "{v}");
+    }
+    t.h.shutdown();
+    t.h.wait().await;
+}
