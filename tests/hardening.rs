@@ -603,3 +603,20 @@ async fn client_certificates_map_as_the_apiserver_maps_them() {
     t.h.shutdown();
     t.h.wait().await;
 }
+
+/// Point 12: the admin server is no proxy: absolute-form requests get 404.
+#[tokio::test]
+async fn the_admin_server_answers_absolute_form_with_404() {
+    let echo = EchoBackend::start("b1").await;
+    let h = start_yaml(&l4_yaml(&[echo.addr], "    health:\n      check: none\n")).await;
+    let admin = h.admin_addr().unwrap();
+    for path in ["/readyz", "/metrics", "/healthz"] {
+        assert_eq!(admin_get(admin, path).await.0, 200, "{path}");
+        for prefix in ["http://x", "http://127.0.0.1"] {
+            let (code, body) = admin_get(admin, &format!("{prefix}{path}")).await;
+            assert_eq!(code, 404, "{prefix}{path}: {body}");
+        }
+    }
+    h.shutdown();
+    h.wait().await;
+}
