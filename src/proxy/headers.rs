@@ -5,6 +5,8 @@
 
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -193,18 +195,33 @@ pub fn insert_identity(h: &mut HeaderMap, id: &ClientId) -> Result<(), &'static 
     Ok(())
 }
 
+/// Set when a client's request body failed (a framing error h1guard found,
+/// a reset stream): an upstream error that follows is the client's doing,
+/// not the backend's.
+#[derive(Clone, Default, Debug)]
+pub struct BodyFault(Arc<AtomicBool>);
+
+impl BodyFault {
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// A request body whose trailers (HTTP/1.1 chunked trailers, HTTP/2 trailing
-/// HEADERS) lose the same identity headers as the head.
+/// HEADERS) lose the same identity headers as the head, and whose failure
+/// is recorded in a [`BodyFault`].
 pub struct StripTrailers<B> {
     inner: B,
     extra: Vec<String>,
+    fault: BodyFault,
 }
 
 impl<B> StripTrailers<B> {
-    pub fn new(inner: B, extra: &[String]) -> Self {
+    pub fn new(inner: B, extra: &[String], fault: BodyFault) -> Self {
         StripTrailers {
             inner,
             extra: extra.to_vec(),
+            fault,
         }
     }
 }
@@ -228,6 +245,10 @@ impl<B: Body<Data = Bytes> + Unpin> Body for StripTrailers<B> {
                     Err(f) => f,
                 };
                 Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                me.fault.0.store(true, Ordering::Release);
+                Poll::Ready(Some(Err(e)))
             }
             other => other,
         }

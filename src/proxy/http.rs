@@ -278,6 +278,7 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
     let cfg = &pool.config;
     let mut tried: Vec<usize> = Vec::with_capacity(cfg.connect_attempts as usize);
     let mut first = Some(req);
+    let fault = headers::BodyFault::default();
     let mut last_error = String::from("no backend available");
     while tried.len() < cfg.connect_attempts as usize {
         let Some(i) = pool.pick(&tried) else { break };
@@ -298,7 +299,9 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
             .connect_duration
             .observe(t0.elapsed().as_secs_f64());
         let out = match first.take() {
-            Some(r) => r.map(|body| headers::StripTrailers::new(body, strip).boxed()),
+            Some(r) => {
+                r.map(|body| headers::StripTrailers::new(body, strip, fault.clone()).boxed())
+            }
             None => match &replay {
                 Some(rp) => {
                     let mut r = Request::new(
@@ -369,6 +372,10 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
                 });
             }
             Err(e) => {
+                if fault.is_set() {
+                    // The client's body broke (h1guard counted it): not the backend's fault.
+                    return local(StatusCode::BAD_REQUEST, "malformed request body");
+                }
                 last_error = format!("upstream request failed: {e}");
                 debug!(backend.addr = %b.server.key, h2 = is_h2, error = %e, "upstream request failed");
                 if replay.is_none() {
