@@ -620,3 +620,66 @@ async fn the_admin_server_answers_absolute_form_with_404() {
     h.shutdown();
     h.wait().await;
 }
+
+/// Writes `input` on a fresh TLS HTTP/1.1 connection and reads until apilb closes it.
+async fn exchange(t: &Identity, input: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = t.connect("fe", None, b"http/1.1").await;
+    s.write_all(input.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("apilb closes the connection")
+        .ok();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn statuses(text: &str) -> Vec<&str> {
+    text.match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &text[i + 9..i + 12])
+        .collect()
+}
+
+/// Point 11: a CL+TE request is refused after a declined upgrade and behind
+/// a bare-LF head; a refusal comes after the earlier pipelined answer, which
+/// arrives whole; a bad chunk size is a 400 counted as a client error.
+#[tokio::test]
+async fn every_http1_request_is_checked_and_answered_in_order() {
+    let t = Identity::start().await;
+    let smuggle = "POST /api/v1/namespaces HTTP/1.1\r\nHost: k\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    for (first, name) in [
+        ("GET /api/v1/namespaces/d/pods/p/exec HTTP/1.1\r\nHost: k\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n", "declined upgrade"),
+        ("GET /version HTTP/1.1\nHost: k\n\n", "bare-LF head"),
+        ("GET /version HTTP/1.1\r\nHost: k\r\n\r\n", "pipelined"),
+    ] {
+        let back = exchange(&t, &format!("{first}{smuggle}")).await;
+        assert_eq!(statuses(&back), ["200", "400"], "{name}: {back}");
+        let first_body = back.find("\"headers\"").expect("the first answer is whole");
+        assert!(first_body < back.rfind("HTTP/1.1 400").unwrap(), "{name}: {back}");
+        assert!(!back.contains("\"body\":\"\"}HTTP/1.1 200"), "{name}: one answer only");
+    }
+    let admin = t.h.admin_addr().unwrap();
+    let bad_requests = |m: &str| {
+        metric(
+            m,
+            "apilb_frontend_rejected_connections_total{frontend=\"fe\",reason=\"bad_request\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let before = bad_requests(&admin_get(admin, "/metrics").await.1);
+    let back = exchange(
+        &t,
+        "POST /api/v1/namespaces HTTP/1.1\r\nHost: k\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&back), ["400"], "{back}");
+    let m = admin_get(admin, "/metrics").await.1;
+    assert_eq!(bad_requests(&m), before + 1.0, "{m}");
+    assert!(
+        !m.lines()
+            .any(|l| l.starts_with("apilb_http_requests_total") && l.contains("code=\"502\"")),
+        "no 502 counted against the backend:\n{m}"
+    );
+    t.h.shutdown();
+    t.h.wait().await;
+}
