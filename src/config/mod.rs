@@ -376,8 +376,20 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
     }
     yamldepth::check(text).map_err(|e| ConfigError::single("", format!("invalid YAML: {e}")))?;
     let raw: raw::RawConfig = serde_yaml::from_str(text).map_err(|e| {
-        // serde_yaml names the field path itself ("pools[0].rise: ...").
-        ConfigError::single("", format!("invalid YAML: {e}"))
+        // serde_yaml names the field path itself ("pools[0].rise: ..."),
+        // and the place for most errors; add the place where it does not.
+        let text = e.to_string();
+        match e.location() {
+            Some(l) if !text.contains(" line ") => ConfigError::single(
+                "",
+                format!(
+                    "invalid YAML: {text} at line {} column {}",
+                    l.line(),
+                    l.column()
+                ),
+            ),
+            _ => ConfigError::single("", format!("invalid YAML: {text}")),
+        }
     })?;
     validate(&raw)
 }

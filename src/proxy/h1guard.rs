@@ -211,67 +211,16 @@ impl<S> H1Guard<S> {
     /// Checks the collected head; `Ok(None)` while it is incomplete, else
     /// its length (and the body framing is set).
     fn check_head(&mut self) -> Result<Option<usize>, Refusal> {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        let end = match req.parse(&self.head) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(Refusal(
-                    431,
-                    "Request Header Fields Too Large",
-                    format!("more than {MAX_HEADERS} header lines"),
-                ))
-            }
-            Err(e) => return Err(bad(&format!("malformed request: {e}"))),
+        let Some(h) = inspect(&self.head)? else {
+            return Ok(None);
         };
-        let mut content_length: Option<u64> = None;
-        let mut te_seen = false;
-        let connect = req.method == Some("CONNECT");
-        let mut upgrade = connect;
-        for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case("content-length") {
-                let v = std::str::from_utf8(h.value)
-                    .ok()
-                    .map(str::trim)
-                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .ok_or_else(|| bad("invalid Content-Length"))?;
-                if content_length.is_some_and(|c| c != v) {
-                    return Err(bad("differing Content-Length headers"));
-                }
-                content_length = Some(v);
-            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                let chunked = std::str::from_utf8(h.value)
-                    .map(|v| v.trim().eq_ignore_ascii_case("chunked"))
-                    .unwrap_or(false);
-                if te_seen || !chunked {
-                    return Err(bad(
-                        "unsupported Transfer-Encoding (only one, \"chunked\", is accepted)",
-                    ));
-                }
-                te_seen = true;
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
-            }
-        }
-        if te_seen && content_length.is_some() {
-            return Err(bad("both Content-Length and Transfer-Encoding"));
-        }
         self.current = Some(Sent {
-            head: req.method == Some("HEAD"),
-            upgrade,
-            connect,
+            head: h.method == "HEAD",
+            upgrade: h.upgrade,
+            connect: h.method == "CONNECT",
         });
-        self.req = if te_seen {
-            Framing::ChunkSize(Vec::new())
-        } else {
-            match content_length {
-                Some(n) if n > 0 => Framing::Body(n),
-                _ => Framing::Head,
-            }
-        };
-        Ok(Some(end))
+        self.req = h.body;
+        Ok(Some(h.len))
     }
 
     /// Follows the response bytes hyper wrote.
@@ -385,6 +334,109 @@ impl<S> H1Guard<S> {
             self.refusal = Some(r);
         }
     }
+}
+
+/// A request head as the guard read it.
+#[derive(Debug)]
+pub struct CheckedHead {
+    /// Bytes of the head, up to and including its empty line.
+    pub len: usize,
+    pub method: String,
+    /// The request target as written.
+    pub target: String,
+    /// Header lines in order: name as written, raw value.
+    pub headers: Vec<(String, Vec<u8>)>,
+    upgrade: bool,
+    body: Framing,
+}
+
+/// What the guard makes of the bytes at the start of a request.
+#[derive(Debug)]
+pub enum Verdict {
+    /// No complete head yet.
+    Partial,
+    /// Refused with this status (400 or 431).
+    Refused(u16),
+    Accepted(CheckedHead),
+}
+
+/// Checks one request head at the start of `buf` (no size limit applied):
+/// the pure core of the guard, public for property tests.
+pub fn inspect_head(buf: &[u8]) -> Verdict {
+    match inspect(buf) {
+        Ok(None) => Verdict::Partial,
+        Ok(Some(h)) => Verdict::Accepted(h),
+        Err(Refusal(code, ..)) => Verdict::Refused(code),
+    }
+}
+
+fn inspect(buf: &[u8]) -> Result<Option<CheckedHead>, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal(
+                431,
+                "Request Header Fields Too Large",
+                format!("more than {MAX_HEADERS} header lines"),
+            ))
+        }
+        Err(e) => return Err(bad(&format!("malformed request: {e}"))),
+    };
+    let mut content_length: Option<u64> = None;
+    let mut te_seen = false;
+    let mut upgrade = req.method == Some("CONNECT");
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| bad("invalid Content-Length"))?;
+            if content_length.is_some_and(|c| c != v) {
+                return Err(bad("differing Content-Length headers"));
+            }
+            content_length = Some(v);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let chunked = std::str::from_utf8(h.value)
+                .map(|v| v.trim().eq_ignore_ascii_case("chunked"))
+                .unwrap_or(false);
+            if te_seen || !chunked {
+                return Err(bad(
+                    "unsupported Transfer-Encoding (only one, \"chunked\", is accepted)",
+                ));
+            }
+            te_seen = true;
+        } else if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    if te_seen && content_length.is_some() {
+        return Err(bad("both Content-Length and Transfer-Encoding"));
+    }
+    let body = if te_seen {
+        Framing::ChunkSize(Vec::new())
+    } else {
+        match content_length {
+            Some(n) if n > 0 => Framing::Body(n),
+            _ => Framing::Head,
+        }
+    };
+    Ok(Some(CheckedHead {
+        len,
+        method: req.method.unwrap_or_default().to_string(),
+        target: req.path.unwrap_or_default().to_string(),
+        headers: req
+            .headers
+            .iter()
+            .map(|h| (h.name.to_string(), h.value.to_vec()))
+            .collect(),
+        upgrade,
+        body,
+    }))
 }
 
 /// Whether `b` holds an empty line (CRLF CRLF, or bare-LF forms httparse takes).
