@@ -6,7 +6,7 @@
 //! a FIFO, a socket or a device such as `/dev/zero` is refused at once instead
 //! of blocking `check` or wedging a reload, or reading until memory runs out.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -77,10 +77,7 @@ pub fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
     }
     // The file may grow between fstat and read: read one byte past the limit.
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    Read::by_ref(&mut File::from(file))
-        .take(max + 1)
-        .read_to_end(&mut bytes)
-        .map_err(io)?;
+    file.take(max + 1).read_to_end(&mut bytes).map_err(io)?;
     if bytes.len() as u64 > max {
         return Err(too_large());
     }
