@@ -304,12 +304,16 @@ impl Metrics {
     }
 
     /// Replaces the certificate expiry series with those of the running config.
-    pub fn set_cert_expiries(&self, certs: &[crate::config::CertExpiry]) {
+    /// `certs`: each file with its earliest `notAfter` (Unix seconds).
+    pub fn set_cert_expiries<'a>(
+        &self,
+        certs: impl IntoIterator<Item = (&'a std::path::Path, i64)>,
+    ) {
         self.cert_expiry.reset();
-        for c in certs {
+        for (file, not_after) in certs {
             self.cert_expiry
-                .with_label_values(&[&c.file.display().to_string()])
-                .set(c.not_after as f64);
+                .with_label_values(&[&file.display().to_string()])
+                .set(not_after as f64);
         }
     }
 

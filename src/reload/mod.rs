@@ -226,7 +226,8 @@ impl Reconciler {
         drop(series);
         metrics.last_reload_ok.set(1);
         metrics.last_reload_ts.set(unix_now() as f64);
-        metrics.set_cert_expiries(&next.config.certificates);
+        let certs = &next.config.certificates;
+        metrics.set_cert_expiries(certs.iter().map(|c| (c.file.as_path(), c.not_after)));
         for w in next.config.expiry_warnings(unix_now() as i64) {
             warn!(warning = %w, "certificate expires soon");
         }
