@@ -24,13 +24,24 @@ fn mkfifo(path: &Path) {
 }
 
 /// Runs `apilb check -c PATH` and returns (exit code, stdout, stderr, time taken).
+/// A `check` that has not ended after 5 s is killed and fails the test.
 fn check(path: &Path) -> (Option<i32>, String, String, Duration) {
     let t = Instant::now();
-    let out = Command::new(apilb_bin())
+    let mut child = Command::new(apilb_bin())
         .args(["check", "-c"])
         .arg(path)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            panic!("apilb check -c {} hung", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
