@@ -35,6 +35,7 @@ pub const LOCAL_ERRORS: &str = "apilb_local_errors_total";
 pub const DISCOVERY_ENDPOINTS: &str = "apilb_discovery_endpoints";
 pub const DISCOVERY_ERRORS: &str = "apilb_discovery_errors_total";
 pub const DISCOVERY_LAST_SYNC: &str = "apilb_discovery_last_sync_timestamp_seconds";
+pub const TLS_CERT_EXPIRY: &str = "apilb_tls_certificate_expiry_timestamp_seconds";
 
 /// Method label values: anything else is counted as `OTHER`, so a client
 /// cannot create series at will.
@@ -98,6 +99,7 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub last_reload_ok: IntGauge,
     pub last_reload_ts: Gauge,
+    cert_expiry: GaugeVec,
     discovery_endpoints: IntGaugeVec,
     discovery_errors: IntCounterVec,
     discovery_last_sync: GaugeVec,
@@ -291,6 +293,17 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            cert_expiry: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        TLS_CERT_EXPIRY,
+                        "Unix time at which the earliest certificate in a file named by the config expires",
+                    ),
+                    &["file"],
+                )
+                .unwrap(),
+            ),
             discovery_endpoints: iv(
                 DISCOVERY_ENDPOINTS,
                 "Servers the pool's EndpointSlice discovery last reported",
@@ -328,6 +341,20 @@ impl Metrics {
             ))
             .expect("process collector registers once");
         m
+    }
+
+    /// Replaces the certificate expiry series with those of the running config.
+    /// `certs`: each file with its earliest `notAfter` (Unix seconds).
+    pub fn set_cert_expiries<'a>(
+        &self,
+        certs: impl IntoIterator<Item = (&'a std::path::Path, i64)>,
+    ) {
+        self.cert_expiry.reset();
+        for (file, not_after) in certs {
+            self.cert_expiry
+                .with_label_values(&[&file.display().to_string()])
+                .set(not_after as f64);
+        }
     }
 
     pub fn backend(&self, pool: &str, server: &str) -> BackendMetrics {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -27,6 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::h1guard::H1Guard;
+use super::headers;
 use super::upstream::{Identity, Sender, UpBody, Upstream};
 use super::Env;
 use crate::balancer::{ActiveGuard, Pool};
@@ -79,35 +80,12 @@ pub fn acceptor(settings: &HttpFrontend) -> Result<TlsAcceptor, TlsError> {
 /// last of them ends.
 pub type Hold = Arc<dyn Send + Sync>;
 
-/// A client identity from a verified certificate: user (CN) and groups (O).
-#[derive(Clone, Debug)]
-struct ClientId {
-    user: String,
-    groups: Vec<String>,
-}
-
-fn client_id(der: &[u8]) -> Option<ClientId> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let subject = cert.subject();
-    let user = subject
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
-    let groups = subject
-        .iter_organization()
-        .filter_map(|o| o.as_str().ok().map(String::from))
-        .collect();
-    Some(ClientId { user, groups })
-}
-
 /// Per-connection context shared by its requests.
 struct Conn {
     env: Env,
     svc: Arc<Service>,
     peer: SocketAddr,
-    id: Option<ClientId>,
+    id: Option<headers::ClientId>,
     hold: Hold,
 }
 
@@ -159,7 +137,7 @@ pub async fn serve_conn(
     let id = session
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| client_id(c.as_ref()));
+        .and_then(|c| headers::client_id(c.as_ref()));
     let h2 = session.alpn_protocol() == Some(b"h2");
     let conn = Arc::new(Conn {
         env: env.clone(),
@@ -236,54 +214,6 @@ pub fn is_long_running(uri: &Uri) -> bool {
             .any(|seg| matches!(seg, "exec" | "attach" | "portforward" | "proxy"))
 }
 
-/// Headers that concern one hop only (RFC 9110 §7.6.1), plus those named in Connection.
-fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        if keep_upgrade && n == header::UPGRADE {
-            continue;
-        }
-        h.remove(n);
-    }
-    for n in [
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "proxy-authorization",
-        "proxy-authenticate",
-    ] {
-        h.remove(n);
-    }
-    if keep_upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    } else {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
-    }
-}
-
-/// Removes every identity header a client might send to name itself.
-fn strip_identity(h: &mut HeaderMap) {
-    let extra: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-remote-extra-"))
-        .cloned()
-        .collect();
-    for k in extra {
-        h.remove(k);
-    }
-    h.remove("x-remote-user");
-    h.remove("x-remote-group");
-}
-
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
 }
@@ -307,38 +237,14 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
     let long = upgrade || is_long_running(req.uri());
 
     // Identity hygiene comes before anything else looks at the request.
-    strip_identity(req.headers_mut());
-    strip_hop_by_hop(req.headers_mut(), upgrade);
-    let ip = conn.peer.ip().to_string();
-    let xff = match req
-        .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        req.headers_mut().insert("x-forwarded-for", v);
-    }
+    let strip = &rt.settings.strip_headers;
+    headers::strip_identity(req.headers_mut(), strip);
+    headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+    headers::set_forwarded_for(req.headers_mut(), conn.peer.ip(), rt.settings.forwarded_for);
     let identity = match &conn.id {
         Some(id) => {
-            let h = req.headers_mut();
-            match HeaderValue::from_str(&id.user) {
-                Ok(v) => {
-                    h.insert("x-remote-user", v);
-                }
-                Err(_) => {
-                    return local(
-                        StatusCode::BAD_REQUEST,
-                        "client certificate CN is not a valid header value",
-                    )
-                }
-            }
-            for g in &id.groups {
-                if let Ok(v) = HeaderValue::from_str(g) {
-                    h.append("x-remote-group", v);
-                }
+            if let Err(why) = headers::insert_identity(req.headers_mut(), id) {
+                return local(StatusCode::BAD_REQUEST, why);
             }
             if !rt.upstream.has_front_proxy() {
                 warn!(frontend = %conn.svc.name, "a verified client certificate arrived but the pool has no front_proxy_cert_file");
@@ -372,6 +278,7 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
     let cfg = &pool.config;
     let mut tried: Vec<usize> = Vec::with_capacity(cfg.connect_attempts as usize);
     let mut first = Some(req);
+    let fault = headers::BodyFault::default();
     let mut last_error = String::from("no backend available");
     while tried.len() < cfg.connect_attempts as usize {
         let Some(i) = pool.pick(&tried) else { break };
@@ -392,7 +299,9 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
             .connect_duration
             .observe(t0.elapsed().as_secs_f64());
         let out = match first.take() {
-            Some(r) => r.map(|body| body.boxed()),
+            Some(r) => {
+                r.map(|body| headers::StripTrailers::new(body, strip, fault.clone()).boxed())
+            }
             None => match &replay {
                 Some(rp) => {
                     let mut r = Request::new(
@@ -439,7 +348,7 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
                         );
                     }
                 } else {
-                    strip_hop_by_hop(resp.headers_mut(), false);
+                    headers::strip_hop_by_hop(resp.headers_mut(), false);
                 }
                 let timer = (!long).then(|| {
                     (
@@ -463,6 +372,10 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
                 });
             }
             Err(e) => {
+                if fault.is_set() {
+                    // The client's body broke (h1guard counted it): not the backend's fault.
+                    return local(StatusCode::BAD_REQUEST, "malformed request body");
+                }
                 last_error = format!("upstream request failed: {e}");
                 debug!(backend.addr = %b.server.key, h2 = is_h2, error = %e, "upstream request failed");
                 if replay.is_none() {
@@ -670,27 +583,5 @@ mod tests {
         ] {
             assert_eq!(is_long_running(&u.parse().unwrap()), want, "{u}");
         }
-    }
-
-    #[test]
-    fn identity_and_hop_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("x-remote-user", "admin"),
-            ("x-remote-group", "system:masters"),
-            ("x-remote-extra-scopes", "all"),
-            ("impersonate-user", "bob"),
-            ("authorization", "Bearer t"),
-            ("connection", "keep-alive, x-hop"),
-            ("x-hop", "1"),
-            ("keep-alive", "timeout=5"),
-            ("te", "trailers"),
-        ] {
-            h.append(k, HeaderValue::from_static(v));
-        }
-        strip_identity(&mut h);
-        strip_hop_by_hop(&mut h, false);
-        let left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
-        assert_eq!(left, ["impersonate-user", "authorization"]);
     }
 }
