@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -24,6 +24,8 @@ const WATCH_TIMEOUT_SECS: u32 = 290;
 /// about every minute): past it the connection is taken as dead.
 const LIST_TIMEOUT: Duration = Duration::from_secs(30);
 const WATCH_SILENCE: Duration = Duration::from_secs(WATCH_TIMEOUT_SECS as u64 + 30);
+/// A watch that ends with no event sooner than this counts as an error.
+const WATCH_MIN_LIFE: Duration = Duration::from_secs(1);
 
 /// Carried across sessions.
 struct Progress {
@@ -104,34 +106,54 @@ async fn watch(
             Err(e) => return Err(DiscoveryError::Watch(e.to_string())),
         };
         let mut stream = stream.boxed();
+        let (opened, mut events) = (Instant::now(), 0usize);
         loop {
             let next = tokio::time::timeout(WATCH_SILENCE, stream.try_next())
                 .await
                 .map_err(|_| DiscoveryError::Watch("no event or bookmark in time".into()))?
                 .map_err(|e| DiscoveryError::Watch(e.to_string()))?;
             let Some(ev) = next else { break };
-            match ev {
-                WatchEvent::Added(s) | WatchEvent::Modified(s) => {
-                    *rv = s.metadata.resource_version.clone().unwrap_or_default();
-                    slices.insert(s.metadata.name.clone().unwrap_or_default(), s);
-                    publish(t, p, slices).await;
-                }
-                WatchEvent::Deleted(s) => {
-                    *rv = s.metadata.resource_version.clone().unwrap_or_default();
-                    slices.remove(s.metadata.name.as_deref().unwrap_or_default());
-                    publish(t, p, slices).await;
-                }
-                WatchEvent::Bookmark(b) => {
-                    *rv = b.metadata.resource_version;
-                    t.metrics.last_sync.set(unix_now() as f64);
-                }
-                WatchEvent::Error(e) if e.code == 410 => return Ok(true),
-                WatchEvent::Error(e) => {
-                    return Err(DiscoveryError::Watch(format!("{} ({})", e.message, e.code)))
-                }
+            events += 1;
+            if event(t, p, ev, rv, slices).await? {
+                return Ok(true);
             }
         }
+        // A server that ends every watch at once must not make this spin.
+        if events == 0 && opened.elapsed() < WATCH_MIN_LIFE {
+            return Err(DiscoveryError::Watch("the watch ended at once".into()));
+        }
     }
+}
+
+/// Applies one watch event; `Ok(true)`: the history is gone (relist).
+async fn event(
+    t: &mut Task,
+    p: &mut Progress,
+    ev: WatchEvent<EndpointSlice>,
+    rv: &mut String,
+    slices: &mut BTreeMap<String, EndpointSlice>,
+) -> Result<bool, DiscoveryError> {
+    match ev {
+        WatchEvent::Added(s) | WatchEvent::Modified(s) => {
+            *rv = s.metadata.resource_version.clone().unwrap_or_default();
+            slices.insert(s.metadata.name.clone().unwrap_or_default(), s);
+            publish(t, p, slices).await;
+        }
+        WatchEvent::Deleted(s) => {
+            *rv = s.metadata.resource_version.clone().unwrap_or_default();
+            slices.remove(s.metadata.name.as_deref().unwrap_or_default());
+            publish(t, p, slices).await;
+        }
+        WatchEvent::Bookmark(b) => {
+            *rv = b.metadata.resource_version;
+            t.metrics.last_sync.set(unix_now() as f64);
+        }
+        WatchEvent::Error(e) if e.code == 410 => return Ok(true),
+        WatchEvent::Error(e) => {
+            return Err(DiscoveryError::Watch(format!("{} ({})", e.message, e.code)))
+        }
+    }
+    Ok(false)
 }
 
 /// Reports the set when it changed; an empty one keeps the last known set.
