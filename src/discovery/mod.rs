@@ -13,7 +13,7 @@ mod client;
 pub mod slices;
 mod watch;
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,40 +77,4 @@ pub struct Task {
 /// Starts the list/watch loop; it ends when `task.cancel` is cancelled.
 pub fn spawn(task: Task) -> tokio::task::JoinHandle<()> {
     tokio::spawn(watch::run(task))
-}
-
-/// True when `addr` is one of apilb's own listening sockets (`own`, as
-/// bound or configured): a discovered server there would be a loop.
-pub fn is_self_address(addr: SocketAddr, own: &[SocketAddr]) -> bool {
-    own.iter().any(|l| {
-        l.port() == addr.port()
-            && (l.ip() == addr.ip() || (l.ip().is_unspecified() && is_local_ip(addr.ip())))
-    })
-}
-
-/// Whether `ip` belongs to this host: loopback, or an address a socket can bind.
-fn is_local_ip(ip: IpAddr) -> bool {
-    ip.is_loopback() || UdpSocket::bind((ip, 0)).is_ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn own_listen_addresses_are_refused() {
-        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
-        let own = [a("127.0.0.1:6443"), a("0.0.0.0:8404")];
-        assert!(is_self_address(a("127.0.0.1:6443"), &own));
-        assert!(
-            is_self_address(a("127.0.0.1:8404"), &own),
-            "wildcard listen covers loopback"
-        );
-        assert!(!is_self_address(a("127.0.0.1:6444"), &own));
-        assert!(
-            !is_self_address(a("192.0.2.1:8404"), &own),
-            "TEST-NET-1 is not local"
-        );
-        assert!(!is_self_address(a("192.0.2.1:6443"), &own));
-    }
 }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::discovery::{KubernetesDiscovery, Members, DEFAULT_SERVER_NAME};
-use crate::config::{Config, ServerConfig};
+use crate::config::{self, Config, ServerConfig};
 use crate::discovery::{self, cache, Update};
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
@@ -86,6 +86,7 @@ impl Overlay {
     pub fn desired(&self, cfg: &Config, snap: &Snapshot) -> Config {
         let mut out = cfg.clone();
         let own = own_addresses(cfg, snap);
+        let local_ips = config::local_addresses();
         for pc in &mut out.pools {
             let Some((set, from)) = self.sets.get(&pc.name).filter(|_| pc.discovery.is_some())
             else {
@@ -94,7 +95,7 @@ impl Overlay {
             let servers: Vec<ServerConfig> = set
                 .iter()
                 .filter(|a| {
-                    let mine = discovery::is_self_address(**a, &own);
+                    let mine = config::is_self_address(**a, &own, &local_ips);
                     if mine {
                         warn!(pool = %pc.name, server = %a, "refusing a discovered server that is apilb's own listen address (a loop)");
                     }
