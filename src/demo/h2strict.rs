@@ -7,7 +7,13 @@
 //! the client sees. This wrapper sits between hyper and TLS, watches the
 //! client's frames for the SETTINGS acknowledgement and rewrites the error
 //! code of outgoing REFUSED_STREAM resets once it arrived, counting each.
+//!
+//! Like Go's server it also lingers after closing its side: it keeps
+//! reading (and discarding) until the client closes or a second passes, so
+//! the final GOAWAY reaches the client instead of being lost to a TCP reset
+//! caused by unread client frames.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -15,77 +21,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 use super::fake::FakeState;
+use crate::proxy::h2frames::{Event, Scanner};
 
-const PREFACE_LEN: usize = 24;
 const FRAME_SETTINGS: u8 = 4;
 const FRAME_RST_STREAM: u8 = 3;
 const FLAG_ACK: u8 = 1;
 const REFUSED_STREAM: u8 = 7;
 const PROTOCOL_ERROR: u8 = 1;
-
-/// Walks a byte stream of HTTP/2 frames, one byte at a time.
-#[derive(Clone, Copy, Default)]
-struct Scanner {
-    /// Bytes still to skip before the first frame (the client preface).
-    skip: usize,
-    head: [u8; 9],
-    head_len: usize,
-    /// Payload bytes of the current frame already seen, and its length.
-    pos: usize,
-    len: usize,
-}
-
-enum Event {
-    None,
-    /// A complete frame header: type and flags.
-    Head(u8, u8),
-    /// Byte `pos` of the current frame's payload.
-    Payload(usize),
-}
-
-impl Scanner {
-    fn step(&mut self) -> Event {
-        if self.skip > 0 {
-            self.skip -= 1;
-            return Event::None;
-        }
-        if self.head_len < 9 {
-            self.head_len += 1;
-            if self.head_len < 9 {
-                return Event::None;
-            }
-            self.len = (self.head[0] as usize) << 16
-                | (self.head[1] as usize) << 8
-                | self.head[2] as usize;
-            self.pos = 0;
-            let ev = Event::Head(self.head[3], self.head[4]);
-            if self.len == 0 {
-                self.head_len = 0;
-            }
-            return ev;
-        }
-        let p = self.pos;
-        self.pos += 1;
-        if self.pos == self.len {
-            self.head_len = 0;
-        }
-        Event::Payload(p)
-    }
-
-    /// Feeds one byte; `byte` is recorded into the header when it is one.
-    fn feed(&mut self, byte: u8) -> Event {
-        if self.skip == 0 && self.head_len < 9 {
-            self.head[self.head_len] = byte;
-        }
-        self.step()
-    }
-
-    fn frame_type(&self) -> u8 {
-        self.head[3]
-    }
-}
+/// Go's goAwayTimeout: how long a closing connection keeps reading.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The fake's connection IO: a pass-through unless the connection speaks h2.
 pub struct GoStrict<T> {
@@ -95,6 +42,8 @@ pub struct GoStrict<T> {
     read: Scanner,
     write: Scanner,
     settings_acked: bool,
+    /// Set once our side is shut down: reading until the client leaves.
+    linger: Option<Pin<Box<Sleep>>>,
 }
 
 impl<T> GoStrict<T> {
@@ -103,12 +52,10 @@ impl<T> GoStrict<T> {
             inner,
             h2,
             state,
-            read: Scanner {
-                skip: PREFACE_LEN,
-                ..Scanner::default()
-            },
+            read: Scanner::after_preface(),
             write: Scanner::default(),
             settings_acked: false,
+            linger: None,
         }
     }
 
@@ -160,7 +107,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for GoStrict<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for GoStrict<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GoStrict<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -187,13 +134,33 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GoStrict<T> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        if !self.h2 {
+            return Pin::new(&mut self.inner).poll_shutdown(cx);
+        }
+        if self.linger.is_none() {
+            std::task::ready!(Pin::new(&mut self.inner).poll_shutdown(cx))?;
+            self.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        let mut scratch = [0u8; 4096];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => break,
+            }
+        }
+        match self.linger.as_mut().map(|l| l.as_mut().poll(cx)) {
+            Some(Poll::Pending) => Poll::Pending,
+            _ => Poll::Ready(Ok(())),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::h2frames::PREFACE_LEN;
 
     fn frame(t: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
         let n = payload.len();
@@ -221,16 +188,13 @@ mod tests {
         let mut w = Scanner::default();
         assert_eq!(rewrite(&mut w, false, &mut copy), 1);
         assert_eq!(copy, bytes);
-        assert_eq!(w.head_len, 0, "back at a frame boundary");
+        assert!(w.at_boundary(), "back at a frame boundary");
         // After it: the code becomes PROTOCOL_ERROR, split writes included.
         let mut w = Scanner::default();
         let (a, b) = copy.split_at_mut(17);
         assert_eq!(rewrite(&mut w, true, a) + rewrite(&mut w, true, b), 1);
         assert_eq!(*copy.last().unwrap(), PROTOCOL_ERROR);
-        let mut r = Scanner {
-            skip: PREFACE_LEN,
-            ..Scanner::default()
-        };
+        let mut r = Scanner::after_preface();
         let mut acked = false;
         let mut input = vec![b'P'; PREFACE_LEN];
         input.extend(frame(FRAME_SETTINGS, FLAG_ACK, &[]));

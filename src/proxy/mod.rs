@@ -5,6 +5,7 @@
 //! passed in (`Env` for the process, a service value per frontend).
 
 pub mod h1guard;
+pub mod h2frames;
 pub mod http;
 pub mod pump;
 pub mod tcp;

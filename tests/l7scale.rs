@@ -1,0 +1,300 @@
+//! L7 at cluster scale, against fakes that enforce what kube-apiserver does
+//! (100 streams per connection, Go's answer to a stream beyond it, 256 KiB
+//! windows): many watches, GOAWAY storms, slow and stalled readers, tunnels
+//! against max_connections, cut responses seen as errors, reloads that keep
+//! upstream connections.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apilb::demo::{FakeApiserver, FakeOptions};
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use tokio::net::TcpStream;
+
+/// kube-apiserver's default SETTINGS_MAX_CONCURRENT_STREAMS.
+const KUBE_MAX_STREAMS: u32 = 100;
+
+struct Scale {
+    pki: Pki,
+    fakes: Vec<FakeApiserver>,
+    yaml: String,
+}
+
+impl Scale {
+    /// Three fakes with kube-apiserver's stream limit; `tune` adjusts their options.
+    async fn fakes(tune: impl Fn(&mut FakeOptions)) -> Self {
+        let pki = Pki::new();
+        let mut fakes = Vec::new();
+        for i in 1..=3 {
+            let mut o = pki.fake_options(&format!("api-{i}"));
+            o.max_concurrent_streams = Some(KUBE_MAX_STREAMS);
+            o.watch_interval = Duration::from_secs(1);
+            tune(&mut o);
+            fakes.push(FakeApiserver::start(o).await.unwrap());
+        }
+        let dir = pki.dir.path();
+        let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
+        let ca = pki.ca_file.display();
+        let yaml = format!(
+            "admin:\n  listen: 127.0.0.1:0\nshutdown_grace: 1s\nfrontends:\n  - name: fe\n    listen: 127.0.0.1:0\n    mode: http\n    pool: p\n    tls:\n      cert_file: {}\n      key_file: {}\n\
+             pools:\n  - name: p\n    servers:\n{}    tls:\n      ca_file: {ca}\n      server_name: kubernetes\n\
+             \x20   health:\n      check: tcp\n      interval: 500ms\n      timeout: 250ms\n      rise: 1\n      fall: 2\n",
+            dir.join("server.crt").display(),
+            dir.join("server.key").display(),
+            servers_yaml(&addrs),
+        );
+        Scale { pki, fakes, yaml }
+    }
+
+    fn tls(&self, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+        let origin = std::path::Path::new("test");
+        apilb::tls::ClientMaterial {
+            ca: Some(apilb::tls::certs_from_pem(self.pki.ca.cert_pem.as_bytes(), origin).unwrap()),
+            identity: None,
+            insecure_skip_verify: false,
+            alpn: vec![alpn.to_vec()],
+        }
+        .build()
+        .unwrap()
+    }
+
+    async fn tls_conn(
+        &self,
+        addr: SocketAddr,
+        alpn: &[u8],
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("kubernetes").unwrap();
+        tokio_rustls::TlsConnector::from(self.tls(alpn))
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    }
+
+    /// An HTTP/2 client connection to apilb.
+    async fn h2(&self, addr: SocketAddr) -> SendRequest<Full<Bytes>> {
+        let tls = self.tls_conn(addr, b"h2").await;
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    fn check_limits(&self) {
+        for f in &self.fakes {
+            assert!(
+                f.peak_streams() <= KUBE_MAX_STREAMS as usize,
+                "{}: {} streams at once on one connection",
+                f.name(),
+                f.peak_streams()
+            );
+            assert_eq!(
+                f.streams_over_limit(),
+                0,
+                "{}: streams over the limit",
+                f.name()
+            );
+        }
+    }
+}
+
+fn get(addr: SocketAddr, path: &str) -> hyper::Request<Full<Bytes>> {
+    hyper::Request::get(format!("https://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// `n` GETs of /version on `clients` fresh HTTP/2 connections, all at once;
+/// returns the slowest.
+async fn gets_from_others(s: &Scale, addr: SocketAddr, clients: usize, n: usize) -> Duration {
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let send = s.h2(addr).await;
+        for _ in 0..n / clients {
+            let mut send = send.clone();
+            tasks.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let resp = send.send_request(get(addr, "/version")).await.unwrap();
+                assert_eq!(resp.status(), 200, "client {c}");
+                resp.into_body().collect().await.unwrap();
+                t.elapsed()
+            }));
+        }
+    }
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        slowest = slowest.max(t.await.unwrap());
+    }
+    slowest
+}
+
+fn upstream_conns(metrics: &str, f: &FakeApiserver) -> f64 {
+    metric(
+        metrics,
+        &format!(
+            "apilb_backend_upstream_connections{{pool=\"p\",server=\"{}\"}}",
+            f.addr()
+        ),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_1000_to_3_backends_with_100_streams_leave_200_gets_under_1s() {
+    let s = Scale::fakes(|_| {}).await;
+    let h = start_yaml(&s.yaml).await;
+    let addr = fe(&h);
+    // 1,000 watches on 20 client connections (50 streams each).
+    let mut watches = Vec::new();
+    for _ in 0..20 {
+        let send = s.h2(addr).await;
+        for _ in 0..50 {
+            let mut send = send.clone();
+            watches.push(tokio::spawn(async move {
+                let resp = send
+                    .send_request(get(addr, "/api/v1/namespaces?watch=true"))
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+                let mut body = resp.into_body();
+                next_frame(&mut body, Duration::from_secs(20))
+                    .await
+                    .expect("first watch event");
+                body
+            }));
+        }
+    }
+    let mut bodies = Vec::new();
+    for w in watches {
+        bodies.push(w.await.unwrap());
+    }
+    assert_eq!(bodies.len(), 1000);
+
+    let slowest = gets_from_others(&s, addr, 10, 200).await;
+    assert!(
+        slowest < Duration::from_secs(1),
+        "slowest GET took {slowest:?}"
+    );
+
+    // Every watch still streams.
+    let mut still = 0;
+    for b in bodies.iter_mut() {
+        if next_frame(b, Duration::from_secs(10)).await.is_some() {
+            still += 1;
+        }
+    }
+    assert_eq!(still, 1000, "watches still streaming");
+    let (_, m) = admin_get(h.admin_addr().unwrap(), "/metrics").await;
+    for f in &s.fakes {
+        let n = upstream_conns(&m, f);
+        assert!(n >= 4.0, "{}: {n} upstream connections", f.name());
+    }
+    s.check_limits();
+    drop(bodies);
+    h.shutdown();
+    h.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_at_5_percent_2000_mixed_requests_fail_none_and_write_once() {
+    let s = Scale::fakes(|o| o.goaway_percent = 5).await;
+    let h = start_yaml(&s.yaml).await;
+    let addr = fe(&h);
+    let methods = ["GET", "POST", "PUT", "DELETE"];
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(s.h2(addr).await);
+    }
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for i in 0..2000usize {
+        let mut send = clients[i % clients.len()].clone();
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let m = methods[i % 4];
+            let (path, body) = if m == "GET" {
+                ("/version".to_string(), Bytes::new())
+            } else {
+                (
+                    format!("/api/v1/namespaces/default/configmaps/cm-{i}"),
+                    Bytes::from(format!("{{\"data\":{{\"i\":\"{i}\"}}}}")),
+                )
+            };
+            let req = hyper::Request::builder()
+                .method(m)
+                .uri(format!("https://{addr}{path}"))
+                .header("x-request-id", i.to_string())
+                .body(Full::new(body))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            let status = resp.status();
+            let text = resp.into_body().collect().await.unwrap().to_bytes();
+            drop(permit);
+            (m, path, i, status, text)
+        }));
+    }
+    let mut failures = Vec::new();
+    let mut expected = Vec::new();
+    for t in tasks {
+        let (m, path, i, status, text) = t.await.unwrap();
+        if status != 200 {
+            failures.push(format!(
+                "{m} {path}: {status} {}",
+                String::from_utf8_lossy(&text)
+            ));
+        }
+        if m != "GET" {
+            expected.push(format!("{m} {path} {i}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let mut executed: HashMap<String, usize> = HashMap::new();
+    for f in &s.fakes {
+        for (k, n) in f.executed() {
+            *executed.entry(k).or_default() += n;
+        }
+    }
+    let goaways: usize = s.fakes.iter().map(|f| f.goaways()).sum();
+    assert!(
+        goaways >= 20,
+        "only {goaways} GOAWAYs: the test did not exercise them"
+    );
+    let (_, m) = admin_get(h.admin_addr().unwrap(), "/metrics").await;
+    let retried: f64 = s
+        .fakes
+        .iter()
+        .filter_map(|f| {
+            metric(
+                &m,
+                &format!(
+                    "apilb_backend_refused_retried_total{{pool=\"p\",server=\"{}\"}}",
+                    f.addr()
+                ),
+            )
+        })
+        .sum();
+    eprintln!("{goaways} GOAWAYs, {retried} requests refused and sent again");
+    assert_eq!(executed.len(), expected.len(), "distinct writes executed");
+    for k in &expected {
+        assert_eq!(executed.get(k), Some(&1), "{k} executed");
+    }
+    s.check_limits();
+    h.shutdown();
+    h.wait().await;
+}
