@@ -298,3 +298,118 @@ async fn goaway_at_5_percent_2000_mixed_requests_fail_none_and_write_once() {
     h.shutdown();
     h.wait().await;
 }
+
+/// VmRSS of a process, in bytes.
+fn rss(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+/// The documented worst case for one slow or stalled response stream
+/// (README, "L7 memory"): the upstream stream window, the client-side send
+/// buffer (HTTP/2) or hyper's write buffer (HTTP/1.1), and TLS records.
+const PER_SLOW_STREAM: u64 = 256 * 1024 + 80 * 1024 + 64 * 1024;
+
+const BIG: u64 = 100_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_and_20kbps_readers_of_100mb_slow_only_themselves() {
+    let s = Scale::fakes(|_| {}).await;
+    let dir = s.pki.dir.path().to_path_buf();
+    let cfg = dir.join("apilb.yaml");
+    std::fs::write(&cfg, &s.yaml).unwrap();
+    let d = Daemon::start(&cfg);
+    let addr = d.frontend_addr("fe").await;
+    let admin = d.admin_addr().await;
+    // Warm up: the process's own steady state before the slow readers.
+    gets_from_others(&s, addr, 4, 40).await;
+    let base = rss(d.pid());
+    let path = format!("/api/v1/configmaps?size={BIG}");
+    let mut hold = Vec::new();
+    // 5 HTTP/2 clients with a zero window: headers arrive, no data may.
+    for _ in 0..5 {
+        let tls = s.tls_conn(addr, b"h2").await;
+        let (mut send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .initial_stream_window_size(0)
+                .handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let resp = send.send_request(get(addr, &path)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        hold.push(Box::new((send, resp)) as Box<dyn Send>);
+    }
+    // 5 HTTP/1.1 clients that send the request and never read.
+    for _ in 0..5 {
+        let mut tls = s.tls_conn(addr, b"http/1.1").await;
+        tokio::io::AsyncWriteExt::write_all(
+            &mut tls,
+            format!("GET {path} HTTP/1.1\r\nhost: kubernetes\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        hold.push(Box::new(tls));
+    }
+    // 10 clients reading at 20 KB/s.
+    let mut readers = Vec::new();
+    for _ in 0..10 {
+        let mut send = s.h2(addr).await;
+        let req = get(addr, &path);
+        readers.push(tokio::spawn(async move {
+            let mut body = send.send_request(req).await.unwrap().into_body();
+            let mut got = 0u64;
+            while let Some(Ok(f)) = body.frame().await {
+                if let Ok(d) = f.into_data() {
+                    got += d.len() as u64;
+                    tokio::time::sleep(Duration::from_secs_f64(d.len() as f64 / 20_000.0)).await;
+                }
+            }
+            got
+        }));
+    }
+    // Let the slow streams fill every buffer they can.
+    wait_for("20 upstream streams", Duration::from_secs(10), || async {
+        let (_, m) = admin_get(admin, "/metrics").await;
+        let n: f64 = s
+            .fakes
+            .iter()
+            .filter_map(|f| {
+                metric(
+                    &m,
+                    &format!(
+                        "apilb_backend_upstream_streams{{pool=\"p\",server=\"{}\"}}",
+                        f.addr()
+                    ),
+                )
+            })
+            .sum();
+        (n >= 20.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let slowest = gets_from_others(&s, addr, 10, 200).await;
+    assert!(
+        slowest < Duration::from_secs(1),
+        "slowest GET took {slowest:?}"
+    );
+    let grown = rss(d.pid()).saturating_sub(base);
+    // The documented bound for 20 slow streams, plus 16 MiB for the
+    // 14 client connections' TLS state and allocator slack.
+    let bound = 20 * PER_SLOW_STREAM + 16 * 1024 * 1024;
+    eprintln!(
+        "apilb RSS grew {} KiB with 20 slow readers of 100 MB (bound {} KiB)",
+        grown / 1024,
+        bound / 1024
+    );
+    assert!(grown < bound, "RSS grew {grown} bytes, bound {bound}");
+    for r in &readers {
+        assert!(!r.is_finished(), "a 20 KB/s reader finished 100 MB early");
+    }
+    for r in readers {
+        r.abort();
+    }
+    drop(hold);
+}

@@ -203,13 +203,20 @@ pub async fn serve_conn(
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
             .header_read_timeout(s.header_timeout)
-            .max_header_size(s.max_header_bytes);
+            .max_header_size(s.max_header_bytes)
+            .max_buf_size(h1_buf_size(s.max_header_bytes));
         drive!(
             b.serve_connection(TokioIo::new(io), service)
                 .with_upgrades(),
             env
         );
     }
+}
+
+/// hyper's HTTP/1.1 read and write buffer: room for the largest request
+/// head; it also bounds the response data buffered for a slow client.
+pub fn h1_buf_size(max_header_bytes: usize) -> usize {
+    (max_header_bytes + 16 * 1024).max(64 * 1024)
 }
 
 fn log_end(r: Result<(), hyper::Error>) {
