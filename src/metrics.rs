@@ -35,6 +35,7 @@ pub const BUILD_INFO: &str = "apilb_build_info";
 pub const HTTP_REQUESTS: &str = "apilb_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "apilb_http_request_duration_seconds";
 pub const HTTP_ACTIVE_STREAMS: &str = "apilb_http_active_streams";
+pub const HTTP_ACTIVE_TUNNELS: &str = "apilb_http_active_tunnels";
 pub const LOCAL_ERRORS: &str = "apilb_local_errors_total";
 
 /// Method label values: anything else is counted as `OTHER`, so a client
@@ -99,6 +100,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     http_active: IntGaugeVec,
+    http_tunnels: IntGaugeVec,
     local_errors: IntCounterVec,
     pub reloads: IntCounterVec,
     pub last_reload_ok: IntGauge,
@@ -275,6 +277,11 @@ impl Metrics {
                     30.0, 60.0,
                 ],
             ),
+            http_tunnels: iv(
+                HTTP_ACTIVE_TUNNELS,
+                "L7: upgraded connections (exec, attach, port-forward, WebSocket) open",
+                &["frontend"],
+            ),
             http_active: iv(
                 HTTP_ACTIVE_STREAMS,
                 "L7 requests in flight (streams open)",
@@ -416,6 +423,10 @@ impl Metrics {
         self.local_errors.with_label_values(&[reason]).inc();
     }
 
+    pub fn http_tunnels(&self, frontend: &str) -> IntGauge {
+        self.http_tunnels.with_label_values(&[frontend])
+    }
+
     pub fn http_active(&self, frontend: &str) -> IntGauge {
         self.http_active.with_label_values(&[frontend])
     }
@@ -444,6 +455,7 @@ impl Metrics {
 
     pub fn remove_frontend(&self, name: &str) {
         let _ = self.http_active.remove_label_values(&[name]);
+        let _ = self.http_tunnels.remove_label_values(&[name]);
         for m in HTTP_METHODS {
             let _ = self.http_duration.remove_label_values(&[name, m]);
         }

@@ -413,3 +413,169 @@ async fn stalled_and_20kbps_readers_of_100mb_slow_only_themselves() {
     }
     drop(hold);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_leaves_the_pool_alone_opens_no_connection_to_its_3_backends() {
+    let s = Scale::fakes(|_| {}).await;
+    // No health probes: every connection the fakes see is an upstream one.
+    let yaml = s.yaml.replace("check: tcp", "check: none");
+    let cfg = s.pki.dir.path().join("apilb.yaml");
+    std::fs::write(&cfg, &yaml).unwrap();
+    let h = start_file(&cfg).await;
+    let addr = fe(&h);
+    gets_from_others(&s, addr, 3, 60).await;
+    let before: Vec<usize> = s.fakes.iter().map(|f| f.connections()).collect();
+    assert!(before.iter().all(|&n| n >= 1), "{before:?}");
+    // Change the frontend only (its request_timeout), then reload.
+    write_atomic(
+        &cfg,
+        &yaml.replace(
+            "    mode: http\n",
+            "    mode: http\n    request_timeout: 30s\n",
+        ),
+    );
+    h.reload().await.unwrap();
+    gets_from_others(&s, addr, 3, 60).await;
+    let after: Vec<usize> = s.fakes.iter().map(|f| f.connections()).collect();
+    assert_eq!(
+        after, before,
+        "TLS handshakes to the backends after a reload that left the pool alone"
+    );
+    // A reload that changes the pool's TLS settings builds new connections.
+    write_atomic(
+        &cfg,
+        &yaml.replace(
+            "      server_name: kubernetes\n",
+            "      server_name: localhost\n",
+        ),
+    );
+    h.reload().await.unwrap();
+    gets_from_others(&s, addr, 3, 60).await;
+    let changed: Vec<usize> = s.fakes.iter().map(|f| f.connections()).collect();
+    assert!(
+        changed.iter().zip(&after).all(|(c, a)| c > a),
+        "{changed:?} vs {after:?}"
+    );
+    h.shutdown();
+    h.wait().await;
+}
+
+/// Runs curl on a watch through apilb; returns it once the first event arrived.
+async fn curl_watch(s: &Scale, addr: SocketAddr, proto: &str) -> tokio::process::Child {
+    use tokio::io::AsyncBufReadExt;
+    let curl = require_tool("curl").expect("curl");
+    let mut child = tokio::process::Command::new(curl)
+        .args(["-sS", "-N", proto, "--cacert"])
+        .arg(&s.pki.ca_file)
+        .arg("--resolve")
+        .arg(format!("kubernetes:{}:127.0.0.1", addr.port()))
+        .arg(format!(
+            "https://kubernetes:{}/api/v1/namespaces?watch=true",
+            addr.port()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), out.read_line(&mut line))
+        .await
+        .expect("first watch event")
+        .unwrap();
+    assert!(line.contains("ADDED"), "{line}");
+    tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut out, &mut sink).await;
+    });
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_apilb_cuts_is_an_error_to_curl_over_http1_and_http2() {
+    if require_tool("curl").is_none() {
+        return;
+    }
+    let s = Scale::fakes(|_| {}).await;
+    let h = start_yaml(&s.yaml).await;
+    let addr = fe(&h);
+    for proto in ["--http1.1", "--http2"] {
+        let mut child = curl_watch(&s, addr, proto).await;
+        // What close_after_down, drain_timeout and a removed server do.
+        for b in &h.shared().snapshot.load().pools["p"].backends {
+            b.close_connections();
+        }
+        let out = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("curl ends after the cut")
+            .unwrap();
+        let mut err = String::new();
+        tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut err)
+            .await
+            .unwrap();
+        assert!(
+            !out.success(),
+            "{proto}: curl saw a clean end: {out:?} {err}"
+        );
+        eprintln!("{proto}: curl {out}: {}", err.trim());
+    }
+    h.shutdown();
+    h.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_hold_2_of_2_max_connections_until_they_close() {
+    let s = Scale::fakes(|_| {}).await;
+    let yaml = s.yaml.replace(
+        "    mode: http\n",
+        "    mode: http\n    max_connections: 2\n",
+    );
+    let h = start_yaml(&yaml).await;
+    let addr = fe(&h);
+    let admin = h.admin_addr().unwrap();
+    let mut tunnels = Vec::new();
+    for _ in 0..2 {
+        let mut t = s.tls_conn(addr, b"http/1.1").await;
+        tokio::io::AsyncWriteExt::write_all(
+            &mut t,
+            b"GET /api/v1/namespaces/default/pods/p/exec?command=cat HTTP/1.1\r\nHost: kubernetes\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut head = vec![0u8; 12];
+        tokio::io::AsyncReadExt::read_exact(&mut t, &mut head)
+            .await
+            .unwrap();
+        assert_eq!(&head, b"HTTP/1.1 101");
+        tunnels.push(t);
+    }
+    let gauge =
+        |m: &str, name: &str| metric(m, &format!("{name}{{frontend=\"fe\"}}")).unwrap_or(0.0);
+    let (_, m) = admin_get(admin, "/metrics").await;
+    assert_eq!(gauge(&m, "apilb_frontend_active_connections"), 2.0, "{m}");
+    assert_eq!(gauge(&m, "apilb_http_active_tunnels"), 2.0);
+    // A third client finds no slot: it is closed without an answer.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("kubernetes").unwrap();
+    let third = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(s.tls(b"http/1.1")).connect(name, tcp),
+    )
+    .await
+    .expect("the third connection is closed, not left hanging");
+    assert!(
+        third.is_err(),
+        "a third connection got through with max_connections: 2"
+    );
+    drop(tunnels);
+    wait_for("tunnels released", Duration::from_secs(5), || async {
+        let (_, m) = admin_get(admin, "/metrics").await;
+        (gauge(&m, "apilb_frontend_active_connections") == 0.0
+            && gauge(&m, "apilb_http_active_tunnels") == 0.0)
+            .then_some(())
+    })
+    .await;
+    h.shutdown();
+    h.wait().await;
+}

@@ -718,8 +718,10 @@ fn tunnel(
     let peer = conn.peer;
     // The tunnel keeps the client connection's frontend slot until it closes.
     let hold = conn.hold.clone();
+    let tunnels = GaugeGuard::new(conn.env.metrics.http_tunnels(&conn.svc.name));
     conn.env.tasks.spawn(async move {
         let _hold = hold;
+        let _tunnels = tunnels;
         let (c, s) = match tokio::try_join!(client, server) {
             Ok(x) => x,
             Err(e) => {

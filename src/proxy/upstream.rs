@@ -164,8 +164,37 @@ struct Clients {
     h1_only: Arc<ClientConfig>,
 }
 
+/// What a pool's upstream TLS is built from: its settings and the bytes of
+/// every file they name. Equal sources give equal TLS configs.
+#[derive(PartialEq)]
+struct TlsSource {
+    cfg: Option<crate::config::UpstreamTls>,
+    files: Vec<Option<Vec<u8>>>,
+}
+
+impl TlsSource {
+    /// Reads the files (blocking); an unreadable one reads as `None` and the
+    /// build that follows reports it.
+    fn read(pool: &PoolConfig) -> Self {
+        let t = pool.tls.clone().unwrap_or_default();
+        let files = [
+            &t.ca_file,
+            &t.front_proxy_cert_file,
+            &t.front_proxy_key_file,
+        ]
+        .into_iter()
+        .map(|f| f.as_ref().and_then(|p| std::fs::read(p).ok()))
+        .collect();
+        TlsSource {
+            cfg: pool.tls.clone(),
+            files,
+        }
+    }
+}
+
 /// TLS settings of a pool; kept across reloads while they do not change.
-pub struct UpstreamTls {
+pub struct TlsSet {
+    source: TlsSource,
     plain: Clients,
     front_proxy: Option<Clients>,
     server_name: Option<String>,
@@ -173,7 +202,7 @@ pub struct UpstreamTls {
 
 /// One pool's upstream side.
 pub struct Upstream {
-    tls: Arc<UpstreamTls>,
+    tls: Arc<TlsSet>,
     connect_timeout: Duration,
     /// Indexed like `Pool::backends`: [plain, front-proxy].
     slots: Vec<[Arc<Slot>; 2]>,
@@ -283,9 +312,10 @@ fn clients(material: impl Fn() -> Result<ClientMaterial, TlsError>) -> Result<Cl
     })
 }
 
-impl UpstreamTls {
+impl TlsSet {
     /// Reads the pool's TLS files (blocking: call off the async control path).
     pub fn new(pool: &PoolConfig) -> Result<Self, TlsError> {
+        let source = TlsSource::read(pool);
         let t = pool.tls.clone().unwrap_or_default();
         let plain = clients(|| {
             ClientMaterial::from_files(t.ca_file.as_deref(), None, None, t.insecure_skip_verify)
@@ -301,7 +331,8 @@ impl UpstreamTls {
             })?),
             _ => None,
         };
-        Ok(UpstreamTls {
+        Ok(TlsSet {
+            source,
             plain,
             front_proxy,
             server_name: t.server_name.clone(),
@@ -312,16 +343,25 @@ impl UpstreamTls {
 impl Upstream {
     /// Reads the pool's TLS files; an error refuses the reload.
     pub fn new(pool: &PoolConfig) -> Result<Self, TlsError> {
-        Ok(Self::with_tls(
-            Arc::new(UpstreamTls::new(pool)?),
-            pool,
-            None,
-        ))
+        Ok(Self::with_tls(Arc::new(TlsSet::new(pool)?), pool, None))
+    }
+
+    /// The pool's upstream for a reload: when the pool's TLS settings and
+    /// file contents are unchanged, `old`'s TLS configs and the connection
+    /// pools of servers it also has are kept (no new handshakes); otherwise
+    /// everything is new. Blocking (reads files).
+    pub fn rebuild(pool: &PoolConfig, old: Option<&Upstream>) -> Result<Self, TlsError> {
+        if let Some(o) = old {
+            if o.tls.source == TlsSource::read(pool) {
+                return Ok(Self::with_tls(o.tls.clone(), pool, Some(o)));
+            }
+        }
+        Self::new(pool)
     }
 
     /// An upstream with given TLS settings; connection pools of servers
     /// that `old` also has are carried over.
-    pub fn with_tls(tls: Arc<UpstreamTls>, pool: &PoolConfig, old: Option<&Upstream>) -> Self {
+    pub fn with_tls(tls: Arc<TlsSet>, pool: &PoolConfig, old: Option<&Upstream>) -> Self {
         let keys: Vec<String> = pool.servers.iter().map(|s| s.key.clone()).collect();
         let slots = keys
             .iter()
@@ -344,7 +384,7 @@ impl Upstream {
     }
 
     /// The TLS settings, for reuse by the next reload.
-    pub fn tls(&self) -> Arc<UpstreamTls> {
+    pub fn tls(&self) -> Arc<TlsSet> {
         self.tls.clone()
     }
 
