@@ -71,7 +71,9 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
 fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     let path = req.uri().path();
-    let known = matches!(path, "/metrics" | "/healthz" | "/readyz" | "/status");
+    // Absolute-form (`GET http://x/readyz`) is for proxies; apilb's admin is none.
+    let origin_form = req.uri().authority().is_none();
+    let known = origin_form && matches!(path, "/metrics" | "/healthz" | "/readyz" | "/status");
     if !known {
         return reply(
             StatusCode::NOT_FOUND,

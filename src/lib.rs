@@ -4,7 +4,8 @@
 //! (`tests/layers.rs` checks it; DESIGN.md and ARCHITECTURE.md say why):
 //!
 //! 0. [`config`] (the YAML schema and `validate()`), [`tls`] (rustls configs
-//!    from PEM), [`metrics`] (the Prometheus registry and handles).
+//!    from PEM), [`metrics`] (the Prometheus registry and handles), [`fsread`]
+//!    (bounded reads of regular files: config, certificates, keys).
 //! 1. [`balancer`]: pools, backends (health flag, open connections), `pick()`.
 //! 2. [`health`]: per-backend monitors (rise/fall, the only writer of the
 //!    health flag) and probe tasks; [`net`]: connect, tuning, binding, fault
@@ -25,6 +26,7 @@ pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod demo;
+pub mod fsread;
 pub mod health;
 pub mod listener;
 pub mod metrics;

@@ -124,6 +124,12 @@ fn main() -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match config::load(path) {
         Ok(cfg) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            for w in cfg.expiry_warnings(now) {
+                eprintln!("warning: {w}");
+            }
             println!("{}", cfg.summary());
             ExitCode::SUCCESS
         }

@@ -6,8 +6,8 @@
 //! byte path touches a plain atomic, never a label lookup.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub const BACKEND_UP: &str = "apilb_backend_up";
@@ -37,6 +37,7 @@ pub const HTTP_REQUEST_DURATION: &str = "apilb_http_request_duration_seconds";
 pub const HTTP_ACTIVE_STREAMS: &str = "apilb_http_active_streams";
 pub const HTTP_ACTIVE_TUNNELS: &str = "apilb_http_active_tunnels";
 pub const LOCAL_ERRORS: &str = "apilb_local_errors_total";
+pub const TLS_CERT_EXPIRY: &str = "apilb_tls_certificate_expiry_timestamp_seconds";
 
 /// Method label values: anything else is counted as `OTHER`, so a client
 /// cannot create series at will.
@@ -105,6 +106,7 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub last_reload_ok: IntGauge,
     pub last_reload_ts: Gauge,
+    cert_expiry: GaugeVec,
 }
 
 /// Handles for one backend, resolved once.
@@ -310,6 +312,17 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            cert_expiry: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        TLS_CERT_EXPIRY,
+                        "Unix time at which the earliest certificate in a file named by the config expires",
+                    ),
+                    &["file"],
+                )
+                .unwrap(),
+            ),
             registry: r,
             series: std::sync::RwLock::new(()),
         };
@@ -329,6 +342,20 @@ impl Metrics {
             ))
             .expect("process collector registers once");
         m
+    }
+
+    /// Replaces the certificate expiry series with those of the running config.
+    /// `certs`: each file with its earliest `notAfter` (Unix seconds).
+    pub fn set_cert_expiries<'a>(
+        &self,
+        certs: impl IntoIterator<Item = (&'a std::path::Path, i64)>,
+    ) {
+        self.cert_expiry.reset();
+        for (file, not_after) in certs {
+            self.cert_expiry
+                .with_label_values(&[&file.display().to_string()])
+                .set(not_after as f64);
+        }
     }
 
     pub fn backend(&self, pool: &str, server: &str) -> BackendMetrics {

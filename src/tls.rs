@@ -10,11 +10,8 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] crate::fsread::ReadError),
     #[error("{path}: no PEM certificate found")]
     NoCertificate { path: PathBuf },
     #[error("{path}: no PEM private key found")]
@@ -29,6 +26,8 @@ pub enum TlsError {
         what: &'static str,
         source: rustls::Error,
     },
+    #[error("the private key does not match the certificate (their public keys differ)")]
+    KeyMismatch,
     #[error("invalid TLS server name {0:?}")]
     ServerName(String),
 }
@@ -38,11 +37,9 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Reads a PEM file through the one bounded reader (regular files up to 1 MiB).
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok(crate::fsread::read_bounded(path)?)
 }
 
 /// Reads every certificate from a PEM file; at least one must be there.
@@ -235,6 +232,42 @@ fn server_config_from(
         })?;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
+}
+
+/// Checks that `key` is the private key of the first certificate of `certs`
+/// by comparing public keys (SubjectPublicKeyInfo).
+pub fn check_key_matches(
+    certs: &[CertificateDer<'static>],
+    key: PrivateKeyDer<'static>,
+) -> Result<(), TlsError> {
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|source| TlsError::Rustls {
+            what: "private key",
+            source,
+        })?;
+    match rustls::sign::CertifiedKey::new(certs.to_vec(), signing).keys_match() {
+        Ok(()) => Ok(()),
+        // ring knows the public key of every key type it loads; "unknown"
+        // would only come from a provider that does not.
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(()),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(TlsError::KeyMismatch),
+        Err(source) => Err(TlsError::Rustls {
+            what: "certificate",
+            source,
+        }),
+    }
+}
+
+/// The earliest expiry (`notAfter`, Unix seconds) among `certs`; `None` when
+/// none parses.
+pub fn earliest_expiry(certs: &[CertificateDer<'_>]) -> Option<i64> {
+    certs
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .min()
 }
 
 /// The name to verify: a DNS name, or an IP address (IP SANs work).

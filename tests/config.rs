@@ -48,7 +48,68 @@ fn invalid_cases(tmp: &std::path::Path) -> Vec<(String, &'static str)> {
     let missing = tmp.join("missing-ca.crt");
     let garbage = tmp.join("garbage.crt");
     std::fs::write(&garbage, "this is not PEM").unwrap();
+    // A probe certificate with the key of another certificate.
+    let ca = apilb::demo::Ca::new("table-ca").unwrap();
+    let ca_file = ca.write(tmp, "ca").unwrap();
+    let (probe_crt, _) = ca
+        .client("probe", None)
+        .unwrap()
+        .write(tmp, "probe")
+        .unwrap();
+    let (_, other_key) = ca
+        .client("other", None)
+        .unwrap()
+        .write(tmp, "other")
+        .unwrap();
+    let probe_tls = |extra: &str| {
+        format!("{GOOD_FE}{GOOD_POOL}    health:\n      check: https\n      tls:\n        ca_file: {}\n{extra}", ca_file.display())
+    };
+    let http_fe = format!("frontends:\n  - name: f\n    listen: 127.0.0.1:0\n    mode: http\n    pool: p\n    tls:\n      cert_file: {0}\n      key_file: {1}\n", probe_crt.display(), other_key.display());
+    let fifo = tmp.join("fifo.crt");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     vec![
+        (probe_tls("        server_name: 'bad name!'\n"), "pools[0].health.tls.server_name"),
+        (
+            format!("{GOOD_FE}{GOOD_POOL}    tls:\n      insecure_skip_verify: true\n      server_name: 'bad name!'\n"),
+            "pools[0].tls.server_name",
+        ),
+        (
+            probe_tls(&format!("        cert_file: {}\n        key_file: {}\n", probe_crt.display(), other_key.display())),
+            "pools[0].health.tls.key_file: the private key does not match the certificate",
+        ),
+        (
+            format!("{GOOD_FE}{GOOD_POOL}    tls:\n      insecure_skip_verify: true\n      front_proxy_cert_file: {}\n      front_proxy_key_file: {}\n", probe_crt.display(), other_key.display()),
+            "pools[0].tls.front_proxy_key_file: the private key does not match",
+        ),
+        (
+            format!("{http_fe}{GOOD_POOL}    tls:\n      insecure_skip_verify: true\n"),
+            "frontends[0].tls.key_file: the private key does not match",
+        ),
+        (
+            "frontends:\n  - {name: f, listen: '0.0.0.0:7443', pool: p}\npools:\n  - name: p\n    servers: ['10.9.9.9:7443', '127.0.0.1:7443']\n".to_string(),
+            "pools[0].servers[1]: 127.0.0.1:7443 (127.0.0.1:7443) is one of apilb's own listen addresses",
+        ),
+        (
+            format!("admin:\n  listen: 127.0.0.1:7404\n{GOOD_FE}pools:\n  - name: p\n    servers: ['localhost:7404']\n"),
+            "pools[0].servers[0]: localhost:7404",
+        ),
+        (
+            format!("frontends:\n  - {{name: f, listen: '[::]:7443', pool: p}}\n{GOOD_POOL}  - name: q\n    servers: ['127.0.0.1:7443']\n"),
+            "pools[1].servers[0]",
+        ),
+        (
+            format!("frontends:\n  - {{name: f, listen: '127.0.0.1:0', pool: p, strip_headers: ['x-ok', 'bad header']}}\n{GOOD_POOL}"),
+            "frontends[0].strip_headers",
+        ),
+        (
+            format!("{http_fe}{GOOD_POOL}    tls:\n      insecure_skip_verify: true\n").replace("mode: http\n", "mode: http\n    forwarded_for: prepend\n    strip_headers: ['bad header']\n"),
+            "frontends[0].forwarded_for",
+        ),
+        (format!("{GOOD_FE}{GOOD_POOL}x: {}\n", "[".repeat(200)), "invalid YAML: nesting deeper than 64 levels at line 8 column"),
+        (probe_tls("").replace(&ca_file.display().to_string(), "/dev/zero"), "pools[0].health.tls.ca_file: cannot read /dev/zero: it is a character device"),
+        (probe_tls("").replace(&ca_file.display().to_string(), &fifo.display().to_string()), "pools[0].health.tls.ca_file: cannot read"),
         (format!("{GOOD_FE}{GOOD_POOL}bogus: 1\n"), "unknown field `bogus`"),
         (format!("{GOOD_FE}{GOOD_POOL}  - name: p\n    servers: ['127.0.0.1:1']\n"), "pools[1].name"),
         (

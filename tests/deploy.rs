@@ -55,6 +55,7 @@ fn prometheus_rules_check_and_their_tests_pass() {
         "ApilbPoolAllDown",
         "ApilbConfigReloadFailing",
         "ApilbFrontendAtConnectionLimit",
+        "ApilbCertificateExpiringSoon",
     ] {
         assert!(
             rules.contains(&format!("alert: {alert}")),

@@ -314,7 +314,7 @@ async fn front_proxy_identity_is_set_from_the_certificate_and_never_from_the_cli
 
 #[tokio::test]
 async fn hop_by_hop_headers_go_and_x_forwarded_for_is_appended() {
-    let l7 = L7::start(false, "https", "").await;
+    let l7 = L7::start(false, "https", "    forwarded_for: append\n").await;
     let v = l7
         .whoami(
             None,

@@ -5,14 +5,19 @@
 //! socket or starts a task.
 
 pub mod raw;
+mod selfaddr;
 mod validate;
+mod yamldepth;
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use selfaddr::{is_self_address, local_addresses};
 pub use validate::validate;
+pub use yamldepth::MAX_YAML_DEPTH;
 
 /// Where the admin server listens when `admin.listen` is not set.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8404";
@@ -43,6 +48,8 @@ pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 250;
 pub const MAX_CONNECT_ATTEMPTS: u32 = 16;
 /// Upper bound on `workers`.
 pub const MAX_WORKERS: usize = 256;
+/// `check` and every reload warn about certificates that expire within this.
+pub const CERT_EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// A whole, checked configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +62,19 @@ pub struct Config {
     pub workers: Option<usize>,
     pub frontends: Vec<FrontendConfig>,
     pub pools: Vec<PoolConfig>,
+    /// Every certificate file named, with its earliest expiry: for the expiry
+    /// warnings and the `apilb_tls_certificate_expiry_timestamp_seconds` metric.
+    pub certificates: Vec<CertExpiry>,
+}
+
+/// When the certificates of one file named in the config expire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertExpiry {
+    /// The field that names the file (`frontends[0].tls.cert_file`).
+    pub field: String,
+    pub file: PathBuf,
+    /// The earliest `notAfter` in the file, Unix seconds.
+    pub not_after: i64,
 }
 
 impl Config {
@@ -69,7 +89,35 @@ impl Config {
             workers: None,
             frontends: Vec::new(),
             pools: Vec::new(),
+            certificates: Vec::new(),
         }
+    }
+
+    /// One line per certificate that expires within [`CERT_EXPIRY_WARNING`]
+    /// of `now` (Unix seconds) or already has.
+    pub fn expiry_warnings(&self, now: i64) -> Vec<String> {
+        let window = CERT_EXPIRY_WARNING.as_secs() as i64;
+        let mut seen = HashSet::new();
+        self.certificates
+            .iter()
+            .filter(|c| c.not_after - now < window && seen.insert(&c.file))
+            .map(|c| {
+                let left = c.not_after - now;
+                let when = if left <= 0 {
+                    format!("expired {} days ago", -left / 86_400)
+                } else {
+                    format!("expires in {} days", left / 86_400)
+                };
+                format!(
+                    "{}: certificate {} {when} (notAfter {})",
+                    c.field,
+                    c.file.display(),
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_secs(c.not_after.max(0) as u64)
+                    )
+                )
+            })
+            .collect()
     }
 
     pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
@@ -127,6 +175,20 @@ pub struct HttpFrontend {
     pub header_timeout: Duration,
     pub max_header_bytes: usize,
     pub http2_max_concurrent_streams: u32,
+    /// Client header names removed besides `X-Remote-*` (lowercase).
+    pub strip_headers: Vec<String>,
+    pub forwarded_for: ForwardedFor,
+}
+
+/// What an L7 frontend does with client-sent X-Forwarded-For, X-Real-Ip and Forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardedFor {
+    /// Drop them and send X-Forwarded-For with the client's address only: the
+    /// apiserver's audit log takes `sourceIPs` from it.
+    #[default]
+    Replace,
+    /// Keep them and append the client's address (a trusted proxy is in front).
+    Append,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,13 +337,18 @@ impl fmt::Display for ConfigError {
 /// Reads, parses and validates a config file. Blocking (file I/O and DNS):
 /// async callers run it on `spawn_blocking`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    from_bytes(path, &read_file(path)?)
+}
+
+/// Reads a config file through the bounded reader: a regular file (or a
+/// symlink to one) of at most 1 MiB. Blocking.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    crate::fsread::read_bounded(path).map_err(|e| {
         ConfigError::single(
             path.display().to_string(),
             format!("cannot read config: {e}"),
         )
-    })?;
-    from_bytes(path, &bytes)
+    })
 }
 
 /// Parses and validates the bytes of the file at `path` (used for errors and
@@ -307,9 +374,22 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
     if text.trim().is_empty() {
         return Err(ConfigError::single("", "config is empty"));
     }
+    yamldepth::check(text).map_err(|e| ConfigError::single("", format!("invalid YAML: {e}")))?;
     let raw: raw::RawConfig = serde_yaml::from_str(text).map_err(|e| {
-        // serde_yaml names the field path itself ("pools[0].rise: ...").
-        ConfigError::single("", format!("invalid YAML: {e}"))
+        // serde_yaml names the field path itself ("pools[0].rise: ..."),
+        // and the place for most errors; add the place where it does not.
+        let text = e.to_string();
+        match e.location() {
+            Some(l) if !text.contains(" line ") => ConfigError::single(
+                "",
+                format!(
+                    "invalid YAML: {text} at line {} column {}",
+                    l.line(),
+                    l.column()
+                ),
+            ),
+            _ => ConfigError::single("", format!("invalid YAML: {text}")),
+        }
     })?;
     validate(&raw)
 }

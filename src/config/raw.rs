@@ -41,6 +41,10 @@ pub struct RawFrontend {
     pub header_timeout: Option<String>,
     pub max_header_bytes: Option<usize>,
     pub http2_max_concurrent_streams: Option<u32>,
+    /// Extra client header names to remove (custom `--requestheader-*-headers`).
+    pub strip_headers: Option<Vec<String>>,
+    /// `replace` (default) or `append`: what happens to a client's X-Forwarded-For.
+    pub forwarded_for: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

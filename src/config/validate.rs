@@ -5,12 +5,15 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
 use super::raw::*;
 use super::*;
 use crate::tls;
 
-/// Collects errors while walking the raw config.
-struct Errors(Vec<FieldError>);
+/// Collects errors while walking the raw config, and the certificate files
+/// read on the way (for expiry warnings).
+struct Errors(Vec<FieldError>, Vec<CertExpiry>);
 
 impl Errors {
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
@@ -67,20 +70,76 @@ impl Errors {
 
     /// A file that must exist and hold PEM certificates.
     fn cert_file(&mut self, path: String, value: &Option<String>) -> Option<PathBuf> {
+        self.certs(path, value).map(|(file, _)| file)
+    }
+
+    /// [`Self::cert_file`], also returning the certificates when they load.
+    fn certs(
+        &mut self,
+        path: String,
+        value: &Option<String>,
+    ) -> Option<(PathBuf, Option<Vec<CertificateDer<'static>>>)> {
         let file = PathBuf::from(value.as_deref()?);
-        if let Err(e) = tls::load_certs(&file) {
-            self.push(path, e.to_string());
+        match tls::load_certs(&file) {
+            Ok(certs) => {
+                if let Some(not_after) = tls::earliest_expiry(&certs) {
+                    self.1.push(CertExpiry {
+                        field: path,
+                        file: file.clone(),
+                        not_after,
+                    });
+                }
+                Some((file, Some(certs)))
+            }
+            Err(e) => {
+                self.push(path, e.to_string());
+                Some((file, None))
+            }
         }
-        Some(file)
     }
 
     /// A file that must exist and hold a PEM private key.
-    fn key_file(&mut self, path: String, value: &Option<String>) -> Option<PathBuf> {
+    fn key_file(
+        &mut self,
+        path: String,
+        value: &Option<String>,
+    ) -> Option<(PathBuf, Option<PrivateKeyDer<'static>>)> {
         let file = PathBuf::from(value.as_deref()?);
-        if let Err(e) = tls::load_key(&file) {
-            self.push(path, e.to_string());
+        match tls::load_key(&file) {
+            Ok(k) => Some((file, Some(k))),
+            Err(e) => {
+                self.push(path, e.to_string());
+                Some((file, None))
+            }
         }
-        Some(file)
+    }
+
+    /// A certificate and its key, which must belong together.
+    fn cert_and_key(
+        &mut self,
+        (cert_path, cert): (String, &Option<String>),
+        (key_path, key): (String, &Option<String>),
+    ) -> (Option<PathBuf>, Option<PathBuf>) {
+        let c = self.certs(cert_path, cert);
+        let k = self.key_file(key_path.clone(), key);
+        if let (Some((cf, Some(certs))), Some((_, Some(key)))) = (&c, &k) {
+            if let Err(e) = tls::check_key_matches(certs, key.clone_key()) {
+                self.push(key_path, format!("{e} in {}", cf.display()));
+            }
+        }
+        (c.map(|(f, _)| f), k.map(|(f, _)| f))
+    }
+
+    /// A TLS `server_name`: a DNS name or an IP address.
+    fn server_name(&mut self, path: String, value: &Option<String>) -> Option<String> {
+        let name = value.as_ref()?;
+        if tls::server_name(name).is_err() {
+            self.push(
+                path,
+                format!("{name:?} is neither a DNS name nor an IP address"),
+            );
+        }
+        Some(name.clone())
     }
 
     /// A cert/key pair: both or neither.
@@ -101,16 +160,16 @@ impl Errors {
             ),
             _ => {}
         }
-        (
-            self.cert_file(format!("{base}.{cert_name}"), cert),
-            self.key_file(format!("{base}.{key_name}"), key),
+        self.cert_and_key(
+            (format!("{base}.{cert_name}"), cert),
+            (format!("{base}.{key_name}"), key),
         )
     }
 }
 
 /// Checks a raw config; returns every problem found, not just the first.
 pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
-    let mut errs = Errors(Vec::new());
+    let mut errs = Errors(Vec::new(), Vec::new());
 
     let admin_listen = raw
         .admin
@@ -221,6 +280,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
                         "http2_max_concurrent_streams",
                         f.http2_max_concurrent_streams.is_some(),
                     ),
+                    ("strip_headers", f.strip_headers.is_some()),
+                    ("forwarded_for", f.forwarded_for.is_some()),
                 ] {
                     if set {
                         errs.push(format!("{base}.{key}"), "only used with mode: http");
@@ -267,6 +328,10 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
+    let mut listens: Vec<SocketAddr> = frontends.iter().map(|f| f.listen).collect();
+    listens.extend(admin_addr);
+    loop_check(&mut errs, &pools, &listens);
+
     if !errs.0.is_empty() {
         return Err(ConfigError { errors: errs.0 });
     }
@@ -279,7 +344,29 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         workers: raw.workers,
         frontends,
         pools,
+        certificates: errs.1,
     })
+}
+
+/// Refuses pool servers that are apilb's own frontend or admin addresses.
+fn loop_check(errs: &mut Errors, pools: &[PoolConfig], listens: &[SocketAddr]) {
+    if listens.iter().all(|l| l.port() == 0) {
+        return;
+    }
+    let local = local_addresses();
+    for (i, p) in pools.iter().enumerate() {
+        for (j, s) in p.servers.iter().enumerate() {
+            if is_self_address(s.addr, listens, &local) {
+                errs.push(
+                    format!("pools[{i}].servers[{j}]"),
+                    format!(
+                        "{} ({}) is one of apilb's own listen addresses: a loop",
+                        s.key, s.addr
+                    ),
+                );
+            }
+        }
+    }
 }
 
 fn pool(errs: &mut Errors, i: usize, p: &RawPool) -> Option<PoolConfig> {
@@ -351,7 +438,7 @@ fn pool(errs: &mut Errors, i: usize, p: &RawPool) -> Option<PoolConfig> {
         );
         UpstreamTls {
             ca_file,
-            server_name: t.server_name.clone(),
+            server_name: errs.server_name(format!("{tb}.server_name"), &t.server_name),
             front_proxy_cert_file,
             front_proxy_key_file,
             insecure_skip_verify: t.insecure_skip_verify,
@@ -420,13 +507,32 @@ fn http_frontend(errs: &mut Errors, base: &str, f: &RawFrontend) -> Option<HttpF
     let key = errs
         .required(format!("{tb}.key_file"), &t.key_file)
         .map(|_| ());
-    let cert_file = cert.and_then(|_| errs.cert_file(format!("{tb}.cert_file"), &t.cert_file));
-    let key_file = key.and_then(|_| errs.key_file(format!("{tb}.key_file"), &t.key_file));
+    let (cert_file, key_file) = match (cert, key) {
+        (Some(()), Some(())) => errs.cert_and_key(
+            (format!("{tb}.cert_file"), &t.cert_file),
+            (format!("{tb}.key_file"), &t.key_file),
+        ),
+        _ => (None, None),
+    };
     let client_ca_file = t
         .client_ca_file
         .as_ref()
         .and_then(|_| errs.cert_file(format!("{tb}.client_ca_file"), &t.client_ca_file));
+    let strip_headers = header_names(errs, base, f.strip_headers.as_deref().unwrap_or(&[]));
+    let forwarded_for = match f.forwarded_for.as_deref().unwrap_or("replace") {
+        "replace" => ForwardedFor::Replace,
+        "append" => ForwardedFor::Append,
+        other => {
+            errs.push(
+                format!("{base}.forwarded_for"),
+                format!("unknown value {other:?}: expected replace or append"),
+            );
+            ForwardedFor::Replace
+        }
+    };
     Some(HttpFrontend {
+        strip_headers,
+        forwarded_for,
         cert_file: cert_file?,
         key_file: key_file?,
         client_ca_file,
@@ -435,6 +541,21 @@ fn http_frontend(errs: &mut Errors, base: &str, f: &RawFrontend) -> Option<HttpF
         max_header_bytes,
         http2_max_concurrent_streams: streams,
     })
+}
+
+/// `strip_headers`: valid header names, kept lowercase.
+fn header_names(errs: &mut Errors, base: &str, names: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, n) in names.iter().enumerate() {
+        match http::HeaderName::from_bytes(n.trim().as_bytes()) {
+            Ok(h) => out.push(h.as_str().to_string()),
+            Err(_) => errs.push(
+                format!("{base}.strip_headers[{k}]"),
+                format!("{n:?} is not a valid header name"),
+            ),
+        }
+    }
+    out
 }
 
 fn health(errs: &mut Errors, pool_base: &str, h: Option<&RawHealth>) -> Option<HealthConfig> {
@@ -524,7 +645,7 @@ fn health(errs: &mut Errors, pool_base: &str, h: Option<&RawHealth>) -> Option<H
                 errs.pair(&tb, ("cert_file", &t.cert_file), ("key_file", &t.key_file));
             ProbeTls {
                 ca_file,
-                server_name: t.server_name.clone(),
+                server_name: errs.server_name(format!("{tb}.server_name"), &t.server_name),
                 cert_file,
                 key_file,
                 insecure_skip_verify: t.insecure_skip_verify,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -27,6 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::h1guard::H1Guard;
+use super::headers;
 use super::upstream::{self, ConnectError, Identity, Lease, SendError, Sender, UpBody, Upstream};
 use super::Env;
 use crate::balancer::{ActiveGuard, Pool};
@@ -90,35 +91,12 @@ pub fn acceptor(settings: &HttpFrontend) -> Result<TlsAcceptor, TlsError> {
 /// last of them ends.
 pub type Hold = Arc<dyn Send + Sync>;
 
-/// A client identity from a verified certificate: user (CN) and groups (O).
-#[derive(Clone, Debug)]
-struct ClientId {
-    user: String,
-    groups: Vec<String>,
-}
-
-fn client_id(der: &[u8]) -> Option<ClientId> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let subject = cert.subject();
-    let user = subject
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
-    let groups = subject
-        .iter_organization()
-        .filter_map(|o| o.as_str().ok().map(String::from))
-        .collect();
-    Some(ClientId { user, groups })
-}
-
 /// Per-connection context shared by its requests.
 struct Conn {
     env: Env,
     svc: Arc<Service>,
     peer: SocketAddr,
-    id: Option<ClientId>,
+    id: Option<headers::ClientId>,
     hold: Hold,
 }
 
@@ -170,7 +148,7 @@ pub async fn serve_conn(
     let id = session
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| client_id(c.as_ref()));
+        .and_then(|c| headers::client_id(c.as_ref()));
     let h2 = session.alpn_protocol() == Some(b"h2");
     let conn = Arc::new(Conn {
         env: env.clone(),
@@ -257,54 +235,6 @@ pub fn is_long_running(uri: &Uri) -> bool {
             .any(|seg| matches!(seg, "exec" | "attach" | "portforward" | "proxy"))
 }
 
-/// Headers that concern one hop only (RFC 9110 §7.6.1), plus those named in Connection.
-fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        if keep_upgrade && n == header::UPGRADE {
-            continue;
-        }
-        h.remove(n);
-    }
-    for n in [
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "proxy-authorization",
-        "proxy-authenticate",
-    ] {
-        h.remove(n);
-    }
-    if keep_upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    } else {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
-    }
-}
-
-/// Removes every identity header a client might send to name itself.
-fn strip_identity(h: &mut HeaderMap) {
-    let extra: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-remote-extra-"))
-        .cloned()
-        .collect();
-    for k in extra {
-        h.remove(k);
-    }
-    h.remove("x-remote-user");
-    h.remove("x-remote-group");
-}
-
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
 }
@@ -321,38 +251,14 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
     let long = upgrade || is_long_running(req.uri());
 
     // Identity hygiene comes before anything else looks at the request.
-    strip_identity(req.headers_mut());
-    strip_hop_by_hop(req.headers_mut(), upgrade);
-    let ip = conn.peer.ip().to_string();
-    let xff = match req
-        .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        req.headers_mut().insert("x-forwarded-for", v);
-    }
+    let strip = &rt.settings.strip_headers;
+    headers::strip_identity(req.headers_mut(), strip);
+    headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+    headers::set_forwarded_for(req.headers_mut(), conn.peer.ip(), rt.settings.forwarded_for);
     let identity = match &conn.id {
         Some(id) => {
-            let h = req.headers_mut();
-            match HeaderValue::from_str(&id.user) {
-                Ok(v) => {
-                    h.insert("x-remote-user", v);
-                }
-                Err(_) => {
-                    return local(
-                        StatusCode::BAD_REQUEST,
-                        "client certificate CN is not a valid header value",
-                    )
-                }
-            }
-            for g in &id.groups {
-                if let Ok(v) = HeaderValue::from_str(g) {
-                    h.append("x-remote-group", v);
-                }
+            if let Err(why) = headers::insert_identity(req.headers_mut(), id) {
+                return local(StatusCode::BAD_REQUEST, why);
             }
             if !rt.upstream.has_front_proxy() {
                 warn!(frontend = %conn.svc.name, "a verified client certificate arrived but the pool has no front_proxy_cert_file");
@@ -374,6 +280,8 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
     });
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
+    let fault = headers::BodyFault::default();
+    let body = headers::StripTrailers::new(body, &rt.settings.strip_headers, fault.clone());
     let body = match tokio::time::timeout(rt.settings.request_timeout, buffer(body)).await {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {
@@ -399,6 +307,7 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
         long,
         method,
         authority: authority.as_deref(),
+        fault,
     };
     let resp = match forward(&ctx, req, body).await {
         Ok(r) => r,
@@ -420,7 +329,7 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
         }
     }
     let mut resp = resp;
-    strip_hop_by_hop(resp.headers_mut(), false);
+    headers::strip_hop_by_hop(resp.headers_mut(), false);
     let timer = (!long).then(|| {
         (
             started,
@@ -457,6 +366,8 @@ struct Attempt<'a> {
     long: bool,
     method: &'static str,
     authority: Option<&'a str>,
+    /// Set when the client's request body broke (h1guard counted it).
+    fault: headers::BodyFault,
 }
 
 /// A request body read up to [`REPLAY_BODY_LIMIT`]: whole (and so
@@ -480,38 +391,43 @@ impl ReqBody {
     }
 }
 
-async fn buffer(mut body: Incoming) -> Result<ReqBody, hyper::Error> {
-    let mut chunks: Vec<Bytes> = Vec::new();
+async fn buffer<B>(mut body: B) -> Result<ReqBody, hyper::Error>
+where
+    B: Body<Data = Bytes, Error = hyper::Error> + Unpin + Send + Sync + 'static,
+{
+    let mut chunks: Vec<Frame<Bytes>> = Vec::new();
     let mut size = 0usize;
     while size <= REPLAY_BODY_LIMIT {
         match body.frame().await {
             None => {
                 let mut all = bytes::BytesMut::with_capacity(size);
-                for c in chunks {
-                    all.extend_from_slice(&c);
+                for c in chunks.iter().filter_map(|f| f.data_ref()) {
+                    all.extend_from_slice(c);
                 }
                 return Ok(ReqBody::Whole(all.freeze()));
             }
-            Some(f) => match f?.into_data() {
-                Ok(d) => {
-                    size += d.len();
-                    chunks.push(d);
-                }
+            Some(f) => {
+                let f = f?;
+                let trailers = f.is_trailers();
+                size += f.data_ref().map_or(0, |d| d.len());
+                chunks.push(f);
                 // Trailers: rare in kube; stream such a body as it is.
-                Err(_) => break,
-            },
+                if trailers {
+                    break;
+                }
+            }
         }
     }
     Ok(ReqBody::Streamed(Some(Prefixed {
         prefix: chunks.into(),
-        rest: body,
+        rest: body.boxed(),
     })))
 }
 
-/// The first chunks of a body, already read, then the rest as it comes.
+/// The first frames of a body, already read, then the rest as it comes.
 struct Prefixed {
-    prefix: std::collections::VecDeque<Bytes>,
-    rest: Incoming,
+    prefix: std::collections::VecDeque<Frame<Bytes>>,
+    rest: UpBody,
 }
 
 impl Body for Prefixed {
@@ -522,8 +438,8 @@ impl Body for Prefixed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some(c) = self.prefix.pop_front() {
-            return Poll::Ready(Some(Ok(Frame::data(c))));
+        if let Some(f) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
         }
         Pin::new(&mut self.rest).poll_frame(cx)
     }
@@ -612,6 +528,9 @@ async fn forward(
                 last_error = format!("upstream refused the request: {e}");
                 debug!(backend.addr = %b.server.key, error = %e, "request refused unprocessed; sending it again");
                 spare = back.map(|b| *b);
+            }
+            Err(SendError::Failed(_)) if a.fault.is_set() => {
+                return Err(local(StatusCode::BAD_REQUEST, "malformed request body"));
             }
             Err(SendError::Failed(e)) => {
                 last_error = format!("upstream request failed: {e}");
@@ -869,27 +788,5 @@ mod tests {
         ] {
             assert_eq!(is_long_running(&u.parse().unwrap()), want, "{u}");
         }
-    }
-
-    #[test]
-    fn identity_and_hop_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("x-remote-user", "admin"),
-            ("x-remote-group", "system:masters"),
-            ("x-remote-extra-scopes", "all"),
-            ("impersonate-user", "bob"),
-            ("authorization", "Bearer t"),
-            ("connection", "keep-alive, x-hop"),
-            ("x-hop", "1"),
-            ("keep-alive", "timeout=5"),
-            ("te", "trailers"),
-        ] {
-            h.append(k, HeaderValue::from_static(v));
-        }
-        strip_identity(&mut h);
-        strip_hop_by_hop(&mut h, false);
-        let left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
-        assert_eq!(left, ["impersonate-user", "authorization"]);
     }
 }

@@ -130,13 +130,9 @@ impl Reconciler {
             return Err(ReloadError::NoSource);
         };
         let p = path.to_path_buf();
-        let read = tokio::task::spawn_blocking(move || {
-            std::fs::read(&p).map_err(|e| {
-                ConfigError::single(p.display().to_string(), format!("cannot read config: {e}"))
-            })
-        })
-        .await
-        .map_err(|_| ReloadError::Stopped)?;
+        let read = tokio::task::spawn_blocking(move || config::read_file(&p))
+            .await
+            .map_err(|_| ReloadError::Stopped)?;
         let bytes = match read {
             Ok(b) => b,
             Err(e) => return self.recorded(Err(e.into())),
@@ -230,6 +226,11 @@ impl Reconciler {
         drop(series);
         metrics.last_reload_ok.set(1);
         metrics.last_reload_ts.set(unix_now() as f64);
+        let certs = &next.config.certificates;
+        metrics.set_cert_expiries(certs.iter().map(|c| (c.file.as_path(), c.not_after)));
+        for w in next.config.expiry_warnings(unix_now() as i64) {
+            warn!(warning = %w, "certificate expires soon");
+        }
 
         self.reconcile_listeners(&next, plan, prep.listeners);
         self.reconcile_probes(&next);
