@@ -416,11 +416,11 @@ impl Upstream {
             let room = upgrade || slot.open.load(Relaxed) < MAX_CONNS_PER_BACKEND;
             let h1 = upgrade || slot.h1_only.load(Relaxed);
             if room && (h1 || !slot.opening.swap(true, Relaxed)) {
+                // Released even when this request is dropped mid-connect
+                // (its client left): others must not wait for it forever.
+                let _opener = (!h1).then(|| Opener(slot.clone()));
                 let r = self.open(slot, backend, identity, upgrade).await;
-                if !h1 {
-                    slot.opening.store(false, Relaxed);
-                    slot.wake.notify_waiters();
-                }
+                drop(_opener);
                 match r? {
                     Some(s) => return Ok(s),
                     None => continue,
@@ -656,6 +656,17 @@ impl Drop for OpenConn {
             s.open.fetch_sub(1, Relaxed);
             s.wake.notify_waiters();
         }
+    }
+}
+
+/// The one request opening an HTTP/2 connection for its slot; when it is
+/// done (or dropped) the next may open one and waiters look again.
+struct Opener(Arc<Slot>);
+
+impl Drop for Opener {
+    fn drop(&mut self) {
+        self.0.opening.store(false, Relaxed);
+        self.0.wake.notify_waiters();
     }
 }
 
