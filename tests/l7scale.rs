@@ -198,6 +198,11 @@ async fn watches_1000_to_3_backends_with_100_streams_leave_200_gets_under_1s() {
     let (_, m) = admin_get(h.admin_addr().unwrap(), "/metrics").await;
     for f in &s.fakes {
         let n = upstream_conns(&m, f);
+        eprintln!(
+            "{}: {n} upstream connections, at most {} streams on one, slowest GET {slowest:?}",
+            f.name(),
+            f.peak_streams()
+        );
         assert!(n >= 4.0, "{}: {n} upstream connections", f.name());
     }
     s.check_limits();
