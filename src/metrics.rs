@@ -14,6 +14,10 @@ pub const BACKEND_UP: &str = "apilb_backend_up";
 pub const BACKEND_ACTIVE: &str = "apilb_backend_active_connections";
 pub const BACKEND_CONNECTIONS: &str = "apilb_backend_connections_total";
 pub const BACKEND_CONNECT_FAILURES: &str = "apilb_backend_connect_failures_total";
+pub const BACKEND_UPSTREAM_CONNECTIONS: &str = "apilb_backend_upstream_connections";
+pub const BACKEND_UPSTREAM_STREAMS: &str = "apilb_backend_upstream_streams";
+pub const BACKEND_QUEUED: &str = "apilb_backend_queued_requests";
+pub const BACKEND_REFUSED_RETRIED: &str = "apilb_backend_refused_retried_total";
 pub const BACKEND_BYTES: &str = "apilb_backend_bytes_total";
 pub const BACKEND_CONNECT_DURATION: &str = "apilb_backend_connect_duration_seconds";
 pub const HEALTH_CHECKS: &str = "apilb_health_checks_total";
@@ -31,6 +35,7 @@ pub const BUILD_INFO: &str = "apilb_build_info";
 pub const HTTP_REQUESTS: &str = "apilb_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "apilb_http_request_duration_seconds";
 pub const HTTP_ACTIVE_STREAMS: &str = "apilb_http_active_streams";
+pub const HTTP_ACTIVE_TUNNELS: &str = "apilb_http_active_tunnels";
 pub const LOCAL_ERRORS: &str = "apilb_local_errors_total";
 pub const DISCOVERY_ENDPOINTS: &str = "apilb_discovery_endpoints";
 pub const DISCOVERY_ERRORS: &str = "apilb_discovery_errors_total";
@@ -83,6 +88,10 @@ pub struct Metrics {
     backend_connections: IntCounterVec,
     backend_connect_failures: IntCounterVec,
     backend_bytes: IntCounterVec,
+    backend_upstream_conns: IntGaugeVec,
+    backend_upstream_streams: IntGaugeVec,
+    backend_queued: IntGaugeVec,
+    backend_refused_retried: IntCounterVec,
     backend_connect_duration: HistogramVec,
     health_checks: IntCounterVec,
     health_check_duration: HistogramVec,
@@ -95,6 +104,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     http_active: IntGaugeVec,
+    http_tunnels: IntGaugeVec,
     local_errors: IntCounterVec,
     pub reloads: IntCounterVec,
     pub last_reload_ok: IntGauge,
@@ -134,6 +144,12 @@ pub struct BackendMetrics {
     pub checks_ok: IntCounter,
     pub checks_failed: IntCounter,
     pub check_duration: Histogram,
+    /// L7: upstream connections open, streams in use, requests waiting for
+    /// a stream, requests refused unprocessed and sent again.
+    pub upstream_connections: IntGauge,
+    pub upstream_streams: IntGauge,
+    pub queued: IntGauge,
+    pub refused_retried: IntCounter,
 }
 
 /// Handles for one frontend, resolved once.
@@ -203,6 +219,26 @@ impl Metrics {
                 "Connects to the backend that were refused or timed out",
                 ps,
             ),
+            backend_upstream_conns: iv(
+                BACKEND_UPSTREAM_CONNECTIONS,
+                "L7: upstream connections open to the backend",
+                ps,
+            ),
+            backend_upstream_streams: iv(
+                BACKEND_UPSTREAM_STREAMS,
+                "L7: upstream streams (requests) in use on the backend's connections",
+                ps,
+            ),
+            backend_queued: iv(
+                BACKEND_QUEUED,
+                "L7: requests waiting for a free upstream stream to the backend",
+                ps,
+            ),
+            backend_refused_retried: cv(
+                BACKEND_REFUSED_RETRIED,
+                "L7: requests the backend refused unprocessed (REFUSED_STREAM, GOAWAY) and apilb sent again",
+                ps,
+            ),
             backend_bytes: cv(
                 BACKEND_BYTES,
                 "Bytes relayed, by direction (to_backend, to_client)",
@@ -264,6 +300,11 @@ impl Metrics {
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                     30.0, 60.0,
                 ],
+            ),
+            http_tunnels: iv(
+                HTTP_ACTIVE_TUNNELS,
+                "L7: upgraded connections (exec, attach, port-forward, WebSocket) open",
+                &["frontend"],
             ),
             http_active: iv(
                 HTTP_ACTIVE_STREAMS,
@@ -378,6 +419,10 @@ impl Metrics {
                 .health_checks
                 .with_label_values(&[pool, server, "failure"]),
             check_duration: self.health_check_duration.with_label_values(l),
+            upstream_connections: self.backend_upstream_conns.with_label_values(l),
+            upstream_streams: self.backend_upstream_streams.with_label_values(l),
+            queued: self.backend_queued.with_label_values(l),
+            refused_retried: self.backend_refused_retried.with_label_values(l),
         }
     }
 
@@ -390,6 +435,10 @@ impl Metrics {
         let _ = self.backend_connect_failures.remove_label_values(l);
         let _ = self.backend_connect_duration.remove_label_values(l);
         let _ = self.health_check_duration.remove_label_values(l);
+        let _ = self.backend_upstream_conns.remove_label_values(l);
+        let _ = self.backend_upstream_streams.remove_label_values(l);
+        let _ = self.backend_queued.remove_label_values(l);
+        let _ = self.backend_refused_retried.remove_label_values(l);
         for d in ["to_backend", "to_client"] {
             let _ = self.backend_bytes.remove_label_values(&[pool, server, d]);
         }
@@ -441,6 +490,10 @@ impl Metrics {
         self.local_errors.with_label_values(&[reason]).inc();
     }
 
+    pub fn http_tunnels(&self, frontend: &str) -> IntGauge {
+        self.http_tunnels.with_label_values(&[frontend])
+    }
+
     pub fn http_active(&self, frontend: &str) -> IntGauge {
         self.http_active.with_label_values(&[frontend])
     }
@@ -485,6 +538,7 @@ impl Metrics {
 
     pub fn remove_frontend(&self, name: &str) {
         let _ = self.http_active.remove_label_values(&[name]);
+        let _ = self.http_tunnels.remove_label_values(&[name]);
         for m in HTTP_METHODS {
             let _ = self.http_duration.remove_label_values(&[name, m]);
         }

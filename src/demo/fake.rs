@@ -1,11 +1,19 @@
 //! A fake kube-apiserver: TLS, HTTP/1.1 and HTTP/2, `/readyz` `/livez`
 //! `/healthz` `/version`, a chunked watch stream, and failure modes (readyz
 //! status, hang, kill) that the demo and the tests switch at run time.
+//!
+//! Like kube-apiserver (Go's HTTP/2 server) it can advertise a stream limit,
+//! and it answers a stream beyond that limit with RST_STREAM PROTOCOL_ERROR
+//! (not a lenient REFUSED_STREAM), so a client that overruns the limit sees
+//! failures. It counts peak streams per connection, can send GOAWAY after a
+//! random share of responses, records every non-GET request it executed, and
+//! serves large responses for slow-reader tests.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::fake_endpoints::EndpointStore;
+use super::h2strict::GoStrict;
 use crate::tls::{self, TlsError};
 
 /// What the fake reports from `/version` (`kubectl version` reads it).
@@ -39,7 +48,38 @@ pub struct FakeOptions {
     pub watch_interval: Duration,
     /// Events before a watch ends; `None` streams until the client leaves.
     pub watch_events: Option<usize>,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS to advertise and enforce; `None`
+    /// keeps hyper's permissive default (200). kube-apiserver uses 100.
+    pub max_concurrent_streams: Option<u32>,
+    /// Percent of responses after which the connection sends GOAWAY
+    /// (kube-apiserver's `--goaway-chance`, as a percentage).
+    pub goaway_percent: u32,
 }
+
+impl FakeOptions {
+    /// Options with the defaults the old tests rely on (no stream limit
+    /// beyond hyper's, no GOAWAY, 100 ms between watch events).
+    pub fn new(name: &str, cert_pem: &str, key_pem: &str) -> Self {
+        FakeOptions {
+            name: name.to_string(),
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            client_ca_pem: None,
+            require_client_cert: false,
+            watch_interval: Duration::from_millis(100),
+            watch_events: None,
+            max_concurrent_streams: None,
+            goaway_percent: 0,
+        }
+    }
+}
+
+/// kube-apiserver's HTTP/2 stream window and largest frame (256 KiB each);
+/// its connection window is the stream window times the stream limit.
+pub const KUBE_STREAM_WINDOW: u32 = 256 * 1024;
+pub const KUBE_MAX_FRAME: u32 = 256 * 1024;
+/// Request header carrying an id the fake records for non-GET requests.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Run-time state a test can read and switch.
 pub struct FakeState {
@@ -53,6 +93,15 @@ pub struct FakeState {
     last_client_cn: Mutex<Option<String>>,
     /// EndpointSlices this fake serves (`serve_endpoints`).
     endpoints: OnceLock<Arc<EndpointStore>>,
+    /// Most streams open at once on any one connection.
+    peak_streams: AtomicUsize,
+    /// Streams the server refused for exceeding its advertised limit.
+    pub(super) over_limit: AtomicUsize,
+    /// GOAWAY frames started (graceful shutdowns of a connection).
+    goaways: AtomicUsize,
+    goaway_percent: AtomicU32,
+    /// Non-GET requests executed, keyed by "METHOD path request-id".
+    executed: Mutex<HashMap<String, usize>>,
 }
 
 /// A running fake apiserver; `kill` (or drop) stops it and cuts its connections.
@@ -105,6 +154,11 @@ impl FakeApiserver {
             requests: AtomicUsize::new(0),
             last_client_cn: Mutex::new(None),
             endpoints: OnceLock::new(),
+            peak_streams: AtomicUsize::new(0),
+            over_limit: AtomicUsize::new(0),
+            goaways: AtomicUsize::new(0),
+            goaway_percent: AtomicU32::new(opts.goaway_percent),
+            executed: Mutex::new(HashMap::new()),
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(
@@ -159,6 +213,37 @@ impl FakeApiserver {
         let _ = self.state.endpoints.set(store);
     }
 
+    /// The most HTTP/2 streams (or HTTP/1.1 requests) open at once on one connection.
+    pub fn peak_streams(&self) -> usize {
+        self.state.peak_streams.load(Relaxed)
+    }
+
+    /// Streams refused (answered with PROTOCOL_ERROR) for exceeding the
+    /// advertised SETTINGS_MAX_CONCURRENT_STREAMS.
+    pub fn streams_over_limit(&self) -> usize {
+        self.state.over_limit.load(Relaxed)
+    }
+
+    /// Connections this fake has sent GOAWAY on.
+    pub fn goaways(&self) -> usize {
+        self.state.goaways.load(Relaxed)
+    }
+
+    /// Changes the GOAWAY chance at run time.
+    pub fn set_goaway_percent(&self, p: u32) {
+        self.state.goaway_percent.store(p, Relaxed);
+    }
+
+    /// Non-GET requests executed, keyed by "METHOD path request-id", with
+    /// how often each was executed.
+    pub fn executed(&self) -> HashMap<String, usize> {
+        self.state
+            .executed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Stops listening and cuts every open connection (a crashed apiserver).
     pub fn kill(&self) {
         self.stop.cancel();
@@ -206,24 +291,109 @@ async fn accept_loop(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = cn.clone();
             }
-            let svc_state = state.clone();
-            let svc_stop = stop.clone();
-            let svc = hyper::service::service_fn(move |req| {
-                let (state, opts, stop, cn) = (
-                    svc_state.clone(),
-                    opts.clone(),
-                    svc_stop.clone(),
-                    cn.clone(),
-                );
-                async move { Ok::<_, Infallible>(handle(req, &state, &opts, &stop, cn).await) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = conn => {}
-            }
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            serve(tls, h2, opts, state, stop, cn).await;
         });
+    }
+}
+
+/// Per-connection bookkeeping: streams open now, and the GOAWAY trigger.
+struct ConnCtx {
+    open: AtomicUsize,
+    goaway: CancellationToken,
+}
+
+/// Holds one stream's place in its connection's count until the response body ends.
+struct StreamSlot(Arc<ConnCtx>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn serve(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    h2: bool,
+    opts: Arc<FakeOptions>,
+    state: Arc<FakeState>,
+    stop: CancellationToken,
+    cn: Option<String>,
+) {
+    let ctx = Arc::new(ConnCtx {
+        open: AtomicUsize::new(0),
+        goaway: CancellationToken::new(),
+    });
+    let (svc_state, svc_stop, svc_ctx, svc_opts) =
+        (state.clone(), stop.clone(), ctx.clone(), opts.clone());
+    let svc = hyper::service::service_fn(move |req| {
+        let (state, opts, stop, cn, ctx) = (
+            svc_state.clone(),
+            svc_opts.clone(),
+            svc_stop.clone(),
+            cn.clone(),
+            svc_ctx.clone(),
+        );
+        async move {
+            let now = ctx.open.fetch_add(1, Relaxed) + 1;
+            state.peak_streams.fetch_max(now, Relaxed);
+            let slot = StreamSlot(ctx.clone());
+            let resp = handle(req, &state, &opts, &stop, cn).await;
+            let p = state.goaway_percent.load(Relaxed);
+            if p > 0 && fastrand::u32(0..100) < p {
+                ctx.goaway.cancel();
+            }
+            Ok::<_, Infallible>(resp.map(|body| BoxBody::new(Slotted { body, _slot: slot })))
+        }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .max_concurrent_streams(opts.max_concurrent_streams)
+        .initial_stream_window_size(KUBE_STREAM_WINDOW)
+        .initial_connection_window_size(
+            KUBE_STREAM_WINDOW.saturating_mul(opts.max_concurrent_streams.unwrap_or(100)),
+        )
+        .max_frame_size(KUBE_MAX_FRAME);
+    let io = GoStrict::new(tls, h2, state.clone());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = conn.as_mut() => return,
+        _ = ctx.goaway.cancelled() => {}
+    }
+    state.goaways.fetch_add(1, Relaxed);
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = conn.as_mut() => {}
+    }
+}
+
+/// A response body that keeps its stream counted until it ends.
+struct Slotted {
+    body: BoxBody<Bytes, Infallible>,
+    _slot: StreamSlot,
+}
+
+impl Body for Slotted {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -330,6 +500,13 @@ async fn handle(
             )
         }
         _ if req.headers().contains_key(hyper::header::UPGRADE) => upgrade_echo(&mut req, name),
+        "/api/v1/configmaps" if query.starts_with("size=") => {
+            let n = query["size=".len()..].parse().unwrap_or(0);
+            large(n, name)
+        }
+        p if req.method() != hyper::Method::GET && p.starts_with("/api") => {
+            execute(req, state, name).await
+        }
         p if query
             .split('&')
             .any(|kv| kv == "watch=true" || kv == "watch=1")
@@ -343,6 +520,83 @@ async fn handle(
             r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#,
             name,
         ),
+    }
+}
+
+/// Executes a write (POST/PUT/PATCH/DELETE): reads the body, records the
+/// request once under "METHOD path request-id", answers with a Status.
+async fn execute(req: Request<Incoming>, state: &FakeState, server: &str) -> Resp {
+    let key = format!(
+        "{} {} {}",
+        req.method(),
+        req.uri().path(),
+        req.headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+    );
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return full(StatusCode::BAD_REQUEST, "text/plain", "body", server),
+    };
+    *state
+        .executed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_default() += 1;
+    full(
+        StatusCode::OK,
+        "application/json",
+        format!(
+            r#"{{"kind":"Status","apiVersion":"v1","status":"Success","bodyBytes":{}}}"#,
+            body.len()
+        ),
+        server,
+    )
+}
+
+/// A response of exactly `n` bytes, produced as it is read (64 KiB chunks).
+fn large(n: u64, server: &str) -> Resp {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .header("content-length", n)
+        .header("x-fake-server", server)
+        .body(BoxBody::new(Filler {
+            left: n,
+            chunk: Bytes::from(vec![b' '; 64 * 1024]),
+        }))
+        .expect("valid response")
+}
+
+struct Filler {
+    left: u64,
+    chunk: Bytes,
+}
+
+impl Body for Filler {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.left.min(self.chunk.len() as u64) as usize;
+        self.left -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod fake;
 pub mod fake_endpoints;
+mod h2strict;
 pub mod pki;
 
 use std::future::Future;
@@ -52,13 +53,12 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), DemoError> {
     for i in 1..=3 {
         fakes.push(
             FakeApiserver::start(FakeOptions {
-                name: format!("apiserver-{i}"),
-                cert_pem: serving.cert_pem.clone(),
-                key_pem: serving.key_pem.clone(),
-                client_ca_pem: None,
-                require_client_cert: false,
                 watch_interval: Duration::from_secs(1),
-                watch_events: None,
+                ..FakeOptions::new(
+                    &format!("apiserver-{i}"),
+                    &serving.cert_pem,
+                    &serving.key_pem,
+                )
             })
             .await?,
         );

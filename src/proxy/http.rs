@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -28,14 +28,25 @@ use tracing::{debug, warn};
 
 use super::h1guard::H1Guard;
 use super::headers;
-use super::upstream::{Identity, Sender, UpBody, Upstream};
+use super::upstream::{self, ConnectError, Identity, Lease, SendError, Sender, UpBody, Upstream};
 use super::Env;
 use crate::balancer::{ActiveGuard, Pool};
 use crate::config::HttpFrontend;
 use crate::metrics::{method_label, reject, FrontendMetrics};
 use crate::tls::TlsError;
 
-type RespBody = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type RespBody = BoxBody<Bytes, BoxError>;
+
+/// Request body kept to send again when a backend refuses the request
+/// unprocessed; larger bodies are streamed and not replayed.
+pub const REPLAY_BODY_LIMIT: usize = 64 * 1024;
+/// Refused-and-resent attempts per request at most (GOAWAY, REFUSED_STREAM).
+const MAX_REFUSALS: usize = 5;
+/// Client-facing HTTP/2 receive windows: what one stream's / connection's
+/// unread request bodies can hold in apilb.
+pub const CLIENT_STREAM_WINDOW: u32 = 256 * 1024;
+pub const CLIENT_CONN_WINDOW: u32 = 1024 * 1024;
 
 /// Reset streams a client may cause before its HTTP/2 connection is closed.
 const H2_MAX_PENDING_RESETS: usize = 20;
@@ -159,6 +170,9 @@ pub async fn serve_conn(
             .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
             .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
             .max_header_list_size(s.max_header_bytes as u32)
+            .initial_stream_window_size(CLIENT_STREAM_WINDOW)
+            .initial_connection_window_size(CLIENT_CONN_WINDOW)
+            .max_send_buf_size(upstream::MAX_SEND_BUF)
             .keep_alive_interval(H2_KEEPALIVE)
             .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
         drive!(b.serve_connection(TokioIo::new(tls), service), env);
@@ -167,13 +181,20 @@ pub async fn serve_conn(
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
             .header_read_timeout(s.header_timeout)
-            .max_header_size(s.max_header_bytes);
+            .max_header_size(s.max_header_bytes)
+            .max_buf_size(h1_buf_size(s.max_header_bytes));
         drive!(
             b.serve_connection(TokioIo::new(io), service)
                 .with_upgrades(),
             env
         );
     }
+}
+
+/// hyper's HTTP/1.1 read and write buffer: room for the largest request
+/// head; it also bounds the response data buffered for a slow client.
+pub fn h1_buf_size(max_header_bytes: usize) -> usize {
+    (max_header_bytes + 16 * 1024).max(64 * 1024)
 }
 
 fn log_end(r: Result<(), hyper::Error>) {
@@ -187,7 +208,7 @@ fn local(status: StatusCode, msg: impl Into<String>) -> Response<RespBody> {
     body.push('\n');
     let mut r = Response::new(
         Full::new(Bytes::from(body))
-            .map_err(|n: Infallible| match n {})
+            .map_err(|n: Infallible| -> BoxError { match n {} })
             .boxed(),
     );
     *r.status_mut() = status;
@@ -216,13 +237,6 @@ pub fn is_long_running(uri: &Uri) -> bool {
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
-}
-
-/// The head of a request, kept to resend a body-less GET/HEAD on another backend.
-struct Replay {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
 }
 
 async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody> {
@@ -265,136 +279,298 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
             .map(String::from)
     });
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let replay = (matches!(*req.method(), Method::GET | Method::HEAD)
-        && req.body().is_end_stream())
-    .then(|| Replay {
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        headers: req.headers().clone(),
-    });
+    let (parts, body) = req.into_parts();
+    let fault = headers::BodyFault::default();
+    let body = headers::StripTrailers::new(body, &rt.settings.strip_headers, fault.clone());
+    let body = match tokio::time::timeout(rt.settings.request_timeout, buffer(body)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            return local(
+                StatusCode::BAD_REQUEST,
+                format!("reading the request body: {e}"),
+            )
+        }
+        Err(_) => {
+            return local(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive within request_timeout",
+            )
+        }
+    };
+    let req = Request::from_parts(parts, ());
     let stream = GaugeGuard::new(conn.svc.active_streams.clone());
+    let ctx = Attempt {
+        conn: &conn,
+        route: rt,
+        identity,
+        upgrade,
+        long,
+        method,
+        authority: authority.as_deref(),
+        fault,
+    };
+    let resp = match forward(&ctx, req, body).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let (resp, b, guard, lease) = resp;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_up) = client_upgrade {
+            let mut resp = resp;
+            let server_up = hyper::upgrade::on(&mut resp);
+            tunnel(&conn, client_up, server_up, guard, lease);
+            let (parts, _) = resp.into_parts();
+            return Response::from_parts(
+                parts,
+                Empty::new()
+                    .map_err(|n: Infallible| -> BoxError { match n {} })
+                    .boxed(),
+            );
+        }
+    }
+    let mut resp = resp;
+    headers::strip_hop_by_hop(resp.headers_mut(), false);
+    let timer = (!long).then(|| {
+        (
+            started,
+            conn.env
+                .metrics
+                .http_duration
+                .with_label_values(&[&conn.svc.name, method]),
+        )
+    });
+    let closed = Box::pin(b.kill_token().cancelled_owned());
+    let idle_limit = (!long).then_some(rt.settings.request_timeout);
+    resp.map(|body| {
+        Tracked {
+            body,
+            closed,
+            idle_limit,
+            idle: None,
+            moved: true,
+            _lease: lease,
+            _backend: guard,
+            _stream: stream,
+            timer,
+        }
+        .boxed()
+    })
+}
 
+/// What every attempt of one request shares.
+struct Attempt<'a> {
+    conn: &'a Arc<Conn>,
+    route: &'a Route,
+    identity: Identity,
+    upgrade: bool,
+    long: bool,
+    method: &'static str,
+    authority: Option<&'a str>,
+    /// Set when the client's request body broke (h1guard counted it).
+    fault: headers::BodyFault,
+}
+
+/// A request body read up to [`REPLAY_BODY_LIMIT`]: whole (and so
+/// resendable), or a prefix followed by the rest of the stream.
+enum ReqBody {
+    Whole(Bytes),
+    Streamed(Option<Prefixed>),
+}
+
+impl ReqBody {
+    /// The body for the next attempt; `None` once a streamed body is spent.
+    fn next(&mut self) -> Option<UpBody> {
+        match self {
+            ReqBody::Whole(b) => Some(
+                Full::new(b.clone())
+                    .map_err(|n: Infallible| match n {})
+                    .boxed(),
+            ),
+            ReqBody::Streamed(p) => p.take().map(|p| p.boxed()),
+        }
+    }
+}
+
+async fn buffer<B>(mut body: B) -> Result<ReqBody, hyper::Error>
+where
+    B: Body<Data = Bytes, Error = hyper::Error> + Unpin + Send + Sync + 'static,
+{
+    let mut chunks: Vec<Frame<Bytes>> = Vec::new();
+    let mut size = 0usize;
+    while size <= REPLAY_BODY_LIMIT {
+        match body.frame().await {
+            None => {
+                let mut all = bytes::BytesMut::with_capacity(size);
+                for c in chunks.iter().filter_map(|f| f.data_ref()) {
+                    all.extend_from_slice(c);
+                }
+                return Ok(ReqBody::Whole(all.freeze()));
+            }
+            Some(f) => {
+                let f = f?;
+                let trailers = f.is_trailers();
+                size += f.data_ref().map_or(0, |d| d.len());
+                chunks.push(f);
+                // Trailers: rare in kube; stream such a body as it is.
+                if trailers {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(ReqBody::Streamed(Some(Prefixed {
+        prefix: chunks.into(),
+        rest: body.boxed(),
+    })))
+}
+
+/// The first frames of a body, already read, then the rest as it comes.
+struct Prefixed {
+    prefix: std::collections::VecDeque<Frame<Bytes>>,
+    rest: UpBody,
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(f) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+}
+
+type Forwarded = (
+    Response<Incoming>,
+    Arc<crate::balancer::Backend>,
+    ActiveGuard,
+    Lease,
+);
+
+/// Sends the request to a backend: fails over on connect errors, resends
+/// refused requests (every method: they were not processed) and body-less
+/// GET/HEAD that failed before any response byte.
+async fn forward(
+    a: &Attempt<'_>,
+    head: Request<()>,
+    mut body: ReqBody,
+) -> Result<Forwarded, Response<RespBody>> {
+    let rt = a.route;
     let pool = &rt.pool;
     let cfg = &pool.config;
+    let resend_on_failure = matches!(*head.method(), Method::GET | Method::HEAD)
+        && matches!(&body, ReqBody::Whole(b) if b.is_empty());
     let mut tried: Vec<usize> = Vec::with_capacity(cfg.connect_attempts as usize);
-    let mut first = Some(req);
-    let fault = headers::BodyFault::default();
+    let mut refusals = 0;
     let mut last_error = String::from("no backend available");
-    while tried.len() < cfg.connect_attempts as usize {
+    let mut spare: Option<Request<UpBody>> = None;
+    while tried.len() < cfg.connect_attempts as usize && refusals <= MAX_REFUSALS {
         let Some(i) = pool.pick(&tried) else { break };
-        tried.push(i);
         let b = &pool.backends[i];
         let guard = b.enter();
         let t0 = Instant::now();
-        let sender = match rt.upstream.sender(i, b, identity, upgrade).await {
+        let (mut sender, lease) = match rt.upstream.sender(i, b, a.identity, a.upgrade).await {
             Ok(s) => s,
+            Err(e) if e.is_busy() => {
+                count(a.conn, b, a.method, StatusCode::SERVICE_UNAVAILABLE);
+                return Err(local(StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
+            }
             Err(e) => {
-                last_error = e.to_string();
-                debug!(backend.addr = %b.server.key, error = %last_error, "upstream connect failed; trying the next server");
-                conn.env.upstream_failed(b, e.fault(), &last_error);
+                tried.push(i);
+                connect_failed(a, b, &e, &mut last_error);
                 continue;
             }
         };
         b.metrics
             .connect_duration
             .observe(t0.elapsed().as_secs_f64());
-        let out = match first.take() {
-            Some(r) => {
-                r.map(|body| headers::StripTrailers::new(body, strip, fault.clone()).boxed())
-            }
-            None => match &replay {
-                Some(rp) => {
-                    let mut r = Request::new(
-                        Empty::<Bytes>::new()
-                            .map_err(|n: Infallible| match n {})
-                            .boxed(),
-                    );
-                    *r.method_mut() = rp.method.clone();
-                    *r.uri_mut() = rp.uri.clone();
-                    *r.headers_mut() = rp.headers.clone();
-                    r
-                }
+        let out = match spare.take() {
+            Some(r) => r,
+            None => match body.next() {
+                Some(bd) => rebuild(&head, bd),
                 None => break,
             },
         };
-        let out = shape(out, &sender, authority.as_deref(), &b.server.key);
-        let is_h2 = sender.is_h2();
-        let send = send(&rt.upstream, i, identity, sender, out, upgrade);
-        let result = if long {
+        let out = shape(out, &sender, a.authority, &b.server.key);
+        let send = Upstream::send(&mut sender, out);
+        let result = if a.long {
             send.await
         } else {
             match tokio::time::timeout(rt.settings.request_timeout, send).await {
                 Ok(r) => r,
                 Err(_) => {
-                    count(&conn, b, method, StatusCode::GATEWAY_TIMEOUT);
-                    return local(
+                    count(a.conn, b, a.method, StatusCode::GATEWAY_TIMEOUT);
+                    return Err(local(
                         StatusCode::GATEWAY_TIMEOUT,
                         "the apiserver did not answer within request_timeout",
-                    );
+                    ));
                 }
             }
         };
         match result {
-            Ok(mut resp) => {
-                count(&conn, b, method, resp.status());
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    if let Some(client_up) = client_upgrade {
-                        let server_up = hyper::upgrade::on(&mut resp);
-                        tunnel(&conn, client_up, server_up, guard);
-                        let (parts, _) = resp.into_parts();
-                        return Response::from_parts(
-                            parts,
-                            Empty::new().map_err(|n: Infallible| match n {}).boxed(),
-                        );
+            Ok(resp) => {
+                if let Sender::H1(h1) = sender {
+                    if !a.upgrade {
+                        rt.upstream.release(i, a.identity, h1);
                     }
-                } else {
-                    headers::strip_hop_by_hop(resp.headers_mut(), false);
                 }
-                let timer = (!long).then(|| {
-                    (
-                        started,
-                        conn.env
-                            .metrics
-                            .http_duration
-                            .with_label_values(&[&conn.svc.name, method]),
-                    )
-                });
-                let closed = Box::pin(b.kill_token().cancelled_owned());
-                return resp.map(|body| {
-                    Tracked {
-                        body,
-                        closed,
-                        _backend: guard,
-                        _stream: stream,
-                        timer,
-                    }
-                    .boxed()
-                });
+                count(a.conn, b, a.method, resp.status());
+                return Ok((resp, b.clone(), guard, lease));
             }
-            Err(e) => {
-                if fault.is_set() {
-                    // The client's body broke (h1guard counted it): not the backend's fault.
-                    return local(StatusCode::BAD_REQUEST, "malformed request body");
-                }
+            Err(SendError::Refused(back, e)) => {
+                refusals += 1;
+                b.metrics.refused_retried.inc();
+                last_error = format!("upstream refused the request: {e}");
+                debug!(backend.addr = %b.server.key, error = %e, "request refused unprocessed; sending it again");
+                spare = back.map(|b| *b);
+            }
+            Err(SendError::Failed(_)) if a.fault.is_set() => {
+                return Err(local(StatusCode::BAD_REQUEST, "malformed request body"));
+            }
+            Err(SendError::Failed(e)) => {
                 last_error = format!("upstream request failed: {e}");
-                debug!(backend.addr = %b.server.key, h2 = is_h2, error = %e, "upstream request failed");
-                if replay.is_none() {
-                    count(&conn, b, method, StatusCode::BAD_GATEWAY);
-                    return local(StatusCode::BAD_GATEWAY, last_error);
+                debug!(backend.addr = %b.server.key, error = %e, "upstream request failed");
+                if !resend_on_failure {
+                    count(a.conn, b, a.method, StatusCode::BAD_GATEWAY);
+                    return Err(local(StatusCode::BAD_GATEWAY, last_error));
                 }
-                // A body-less GET/HEAD failed before any response byte: the
-                // next backend may answer it.
+                tried.push(i);
             }
         }
     }
-    if tried.is_empty() {
-        conn.svc.metrics.rejected(reject::ALL_DOWN);
-        return local(
+    if tried.is_empty() && refusals == 0 {
+        a.conn.svc.metrics.rejected(reject::ALL_DOWN);
+        return Err(local(
             StatusCode::SERVICE_UNAVAILABLE,
             "no apiserver is up (when_all_down: reject)",
-        );
+        ));
     }
-    local(StatusCode::BAD_GATEWAY, last_error)
+    Err(local(StatusCode::BAD_GATEWAY, last_error))
+}
+
+fn connect_failed(
+    a: &Attempt<'_>,
+    b: &crate::balancer::Backend,
+    e: &ConnectError,
+    last: &mut String,
+) {
+    *last = e.to_string();
+    debug!(backend.addr = %b.server.key, error = %last, "upstream connect failed; trying the next server");
+    a.conn.env.upstream_failed(b, e.fault(), last);
+}
+
+fn rebuild(head: &Request<()>, body: UpBody) -> Request<UpBody> {
+    let mut r = Request::new(body);
+    *r.method_mut() = head.method().clone();
+    *r.uri_mut() = head.uri().clone();
+    *r.version_mut() = head.version();
+    *r.headers_mut() = head.headers().clone();
+    r
 }
 
 /// Sets version, URI form and Host for the upstream protocol.
@@ -434,26 +610,6 @@ fn shape(
     r
 }
 
-async fn send(
-    up: &Arc<Upstream>,
-    i: usize,
-    identity: Identity,
-    sender: Sender,
-    req: Request<UpBody>,
-    upgrade: bool,
-) -> Result<Response<Incoming>, hyper::Error> {
-    match sender {
-        Sender::H2(mut s) => s.send_request(req).await,
-        Sender::H1(mut s) => {
-            let r = s.send_request(req).await;
-            if r.is_ok() && !upgrade {
-                up.release(i, identity, s);
-            }
-            r
-        }
-    }
-}
-
 fn count(conn: &Conn, b: &crate::balancer::Backend, method: &str, status: StatusCode) {
     conn.env
         .metrics
@@ -475,13 +631,16 @@ fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     server: hyper::upgrade::OnUpgrade,
     guard: ActiveGuard,
+    lease: Lease,
 ) {
     let hard_stop = conn.env.hard_stop.clone();
     let peer = conn.peer;
     // The tunnel keeps the client connection's frontend slot until it closes.
     let hold = conn.hold.clone();
+    let tunnels = GaugeGuard::new(conn.env.metrics.http_tunnels(&conn.svc.name));
     conn.env.tasks.spawn(async move {
         let _hold = hold;
+        let _tunnels = tunnels;
         let (c, s) = match tokio::try_join!(client, server) {
             Ok(x) => x,
             Err(e) => {
@@ -499,6 +658,7 @@ fn tunnel(
             _ = hard_stop.cancelled() => {}
         }
         drop(guard);
+        drop(lease);
     });
 }
 
@@ -518,17 +678,33 @@ impl Drop for GaugeGuard {
     }
 }
 
-/// A response body that holds the backend's open-request count and the
-/// frontend's active-stream gauge until the response ends, times it
-/// (long-running requests are not timed), and ends early when the backend's
-/// connections are closed (drain_timeout, close_after_down) so the client
-/// re-issues its watch against a live server.
+/// A response body that holds the backend's open-request count, the
+/// upstream stream's place and the frontend's active-stream gauge until the
+/// response ends, and times it (long-running requests are not timed). It
+/// ends with an error, never a clean end, when apilb cuts it: the backend's
+/// connections are closed (drain_timeout, close_after_down, removal), or a
+/// non-long-running response brings no data for request_timeout. The client
+/// sees RST_STREAM (HTTP/2) or a close without the last chunk (HTTP/1.1).
 struct Tracked {
     body: Incoming,
     closed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    idle_limit: Option<Duration>,
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the idle timer was last armed.
+    moved: bool,
+    _lease: Lease,
     _backend: ActiveGuard,
     _stream: GaugeGuard,
     timer: Option<(Instant, prometheus::Histogram)>,
+}
+
+/// Why apilb cut a response.
+#[derive(Debug, thiserror::Error)]
+enum Cut {
+    #[error("the backend's connections were closed; the response is incomplete")]
+    BackendClosed,
+    #[error("the apiserver sent nothing for {0:?} (request_timeout)")]
+    Stalled(Duration),
 }
 
 impl Drop for Tracked {
@@ -541,16 +717,22 @@ impl Drop for Tracked {
 
 impl Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.closed.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(None);
+            return Poll::Ready(Some(Err(Cut::BackendClosed.into())));
         }
-        Pin::new(&mut self.body).poll_frame(cx)
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(f) => {
+                self.moved = true;
+                Poll::Ready(f.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => self.poll_idle(cx),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -559,6 +741,29 @@ impl Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl Tracked {
+    /// The backend sent nothing: arm (or check) the request_timeout timer.
+    /// Only time spent waiting for the backend counts; a client that reads
+    /// slowly is not polled and so never trips it.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(limit) = self.idle_limit else {
+            return Poll::Pending;
+        };
+        let deadline = Instant::now() + limit;
+        let moved = std::mem::take(&mut self.moved);
+        let t = self
+            .idle
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if moved {
+            t.as_mut().reset(deadline);
+        }
+        match t.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Cut::Stalled(limit).into()))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! passed in (`Env` for the process, a service value per frontend).
 
 pub mod h1guard;
+pub mod h2frames;
 pub mod headers;
 pub mod http;
 pub mod pump;

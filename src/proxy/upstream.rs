@@ -1,30 +1,73 @@
-//! Pooled TLS connections from L7 frontends to a pool's backends: one shared
-//! HTTP/2 connection per backend when the server offers h2, otherwise idle
-//! HTTP/1.1 keep-alive connections. Requests from clients with a verified
-//! certificate use separate connections that present the front-proxy
-//! certificate; the two kinds never mix.
+//! Pools of TLS connections from L7 frontends to a pool's backends, one pool
+//! per (backend, identity). Requests from clients with a verified
+//! certificate use connections that present the front-proxy certificate;
+//! the two kinds never mix.
+//!
+//! HTTP/2: many connections per backend. Each carries at most
+//! min(the server's SETTINGS_MAX_CONCURRENT_STREAMS, [`MAX_STREAMS_PER_CONN`])
+//! streams; when every connection is full one new connection opens (one at
+//! a time, so a burst does not open fifty); past [`MAX_CONNS_PER_BACKEND`]
+//! requests wait in a bounded queue and fail after [`QUEUE_TIMEOUT`]. A
+//! connection that said GOAWAY or refused a stream takes no new streams and
+//! closes when its streams end. HTTP/1.1 (servers without h2, upgrades):
+//! idle keep-alive connections are reused, and the same connection cap holds.
+//!
+//! Flow control: a stream's receive window ([`STREAM_WINDOW`]) is all that
+//! an unread response can hold here; the connection window is the stream
+//! window times the stream limit, so unread streams never block the others.
 
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
+use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 use tracing::debug;
 
+use super::h2frames::{GoawayState, Watched};
 use crate::balancer::Backend;
 use crate::config::PoolConfig;
+use crate::metrics::BackendMetrics;
 use crate::net::{self, Fault};
 use crate::tls::{self, ClientMaterial, TlsError};
 
 /// The body type apilb sends upstream.
 pub type UpBody = BoxBody<Bytes, hyper::Error>;
 
+/// Streams per upstream HTTP/2 connection at most, even when the server
+/// allows more (kube-apiserver advertises 100).
+pub const MAX_STREAMS_PER_CONN: usize = 100;
+/// Upstream connections (HTTP/2 and HTTP/1.1 together) per backend and
+/// identity: 256 × 100 streams holds 20,000 watches with room to spare.
+pub const MAX_CONNS_PER_BACKEND: usize = 256;
+/// Requests that may wait for a free stream per backend and identity;
+/// beyond it they get 503 at once.
+pub const MAX_QUEUED: usize = 4096;
+/// How long a request waits for a free stream before it gets 503.
+pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Per-stream receive window toward backends: the most unread response
+/// data one stream can hold in apilb.
+pub const STREAM_WINDOW: u32 = 256 * 1024;
+/// Connection receive window: every stream's window fits at once.
+pub const CONN_WINDOW: u32 = STREAM_WINDOW * MAX_STREAMS_PER_CONN as u32;
+/// Most request data queued per stream for sending (both sides use it).
+pub const MAX_SEND_BUF: usize = 64 * 1024;
+/// Largest response header list accepted from a backend.
+pub const MAX_HEADER_LIST: u32 = 256 * 1024;
+/// Largest frame apilb accepts from a backend.
+const MAX_FRAME: u32 = 64 * 1024;
 /// Idle HTTP/1.1 connections kept per backend and identity.
 const IDLE_H1_PER_BACKEND: usize = 64;
 /// HTTP/2 PING interval toward backends: finds a dead apiserver connection.
@@ -40,16 +83,76 @@ pub enum Identity {
     FrontProxy,
 }
 
-struct Cache {
-    h2: ArcSwapOption<http2::SendRequest<UpBody>>,
-    h1: ArrayQueue<http1::SendRequest<UpBody>>,
+/// One upstream HTTP/2 connection and its stream count.
+pub struct H2Conn {
+    send: http2::SendRequest<UpBody>,
+    inflight: AtomicUsize,
+    /// The server's SETTINGS_MAX_CONCURRENT_STREAMS as last seen.
+    peer_max: Arc<AtomicUsize>,
+    /// A stream refused: no new streams.
+    draining: AtomicBool,
+    /// GOAWAY seen (no new streams), and how the connection ended.
+    goaway: Arc<GoawayState>,
 }
 
-impl Cache {
+impl H2Conn {
+    fn try_take(&self) -> bool {
+        if self.draining.load(Relaxed)
+            || self.goaway.draining.load(Relaxed)
+            || self.send.is_closed()
+        {
+            return false;
+        }
+        let cap = self.peer_max.load(Relaxed).min(MAX_STREAMS_PER_CONN);
+        self.inflight
+            .fetch_update(Relaxed, Relaxed, |n| (n < cap).then_some(n + 1))
+            .is_ok()
+    }
+}
+
+/// Connections to one backend for one identity.
+pub struct Slot {
+    h2: ArcSwap<Vec<Arc<H2Conn>>>,
+    h1: ArrayQueue<http1::SendRequest<UpBody>>,
+    /// Connections open (both protocols), for the cap.
+    open: AtomicUsize,
+    /// One connection is being opened; others wait for it.
+    opening: AtomicBool,
+    /// The server did not offer h2: use HTTP/1.1 connections.
+    h1_only: AtomicBool,
+    waiting: AtomicUsize,
+    wake: Notify,
+}
+
+impl Slot {
     fn new() -> Self {
-        Cache {
-            h2: ArcSwapOption::empty(),
+        Slot {
+            h2: ArcSwap::from_pointee(Vec::new()),
             h1: ArrayQueue::new(IDLE_H1_PER_BACKEND),
+            open: AtomicUsize::new(0),
+            opening: AtomicBool::new(false),
+            h1_only: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
+            wake: Notify::new(),
+        }
+    }
+
+    fn take_h2(&self) -> Option<Arc<H2Conn>> {
+        self.h2.load().iter().find(|c| c.try_take()).cloned()
+    }
+
+    fn remove_h2(&self, c: &Arc<H2Conn>) {
+        self.h2.rcu(|v| {
+            v.iter()
+                .filter(|x| !Arc::ptr_eq(x, c))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+    }
+
+    fn freed(&self) {
+        if self.waiting.load(Relaxed) > 0 {
+            self.wake.notify_one();
         }
     }
 }
@@ -61,26 +164,90 @@ struct Clients {
     h1_only: Arc<ClientConfig>,
 }
 
-/// One pool's upstream side, rebuilt on every reload (connections in use
-/// keep running; idle ones are dropped with the old snapshot).
-pub struct Upstream {
+/// What a pool's upstream TLS is built from: its settings and the bytes of
+/// every file they name. Equal sources give equal TLS configs.
+#[derive(PartialEq)]
+struct TlsSource {
+    cfg: Option<crate::config::UpstreamTls>,
+    files: Vec<Option<Vec<u8>>>,
+}
+
+impl TlsSource {
+    /// Reads the files (blocking); an unreadable one reads as `None` and the
+    /// build that follows reports it.
+    fn read(pool: &PoolConfig) -> Self {
+        let t = pool.tls.clone().unwrap_or_default();
+        let files = [
+            &t.ca_file,
+            &t.front_proxy_cert_file,
+            &t.front_proxy_key_file,
+        ]
+        .into_iter()
+        .map(|f| f.as_ref().and_then(|p| std::fs::read(p).ok()))
+        .collect();
+        TlsSource {
+            cfg: pool.tls.clone(),
+            files,
+        }
+    }
+}
+
+/// TLS settings of a pool; kept across reloads while they do not change.
+pub struct TlsSet {
+    source: TlsSource,
     plain: Clients,
     front_proxy: Option<Clients>,
     server_name: Option<String>,
+}
+
+/// One pool's upstream side.
+pub struct Upstream {
+    tls: Arc<TlsSet>,
     connect_timeout: Duration,
     /// Indexed like `Pool::backends`: [plain, front-proxy].
-    caches: Vec<[Cache; 2]>,
+    slots: Vec<[Arc<Slot>; 2]>,
+    /// Server keys in `slots` order, to carry slots across reloads.
+    keys: Vec<String>,
+}
+
+/// A stream's place on an upstream connection, held until its response
+/// ends; dropping it frees the place.
+pub struct Lease {
+    slot: Arc<Slot>,
+    h2: Option<Arc<H2Conn>>,
+    streams: prometheus::IntGauge,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(c) = &self.h2 {
+            c.inflight.fetch_sub(1, Relaxed);
+        }
+        self.streams.dec();
+        self.slot.freed();
+    }
+}
+
+impl Lease {
+    fn new(slot: Arc<Slot>, h2: Option<Arc<H2Conn>>, m: &BackendMetrics) -> Self {
+        m.upstream_streams.inc();
+        Lease {
+            slot,
+            h2,
+            streams: m.upstream_streams.clone(),
+        }
+    }
 }
 
 /// A connection ready for one request.
 pub enum Sender {
-    H2(http2::SendRequest<UpBody>),
+    H2(Arc<H2Conn>, Arc<Slot>),
     H1(http1::SendRequest<UpBody>),
 }
 
 impl Sender {
     pub fn is_h2(&self) -> bool {
-        matches!(self, Sender::H2(_))
+        matches!(self, Sender::H2(..))
     }
 }
 
@@ -98,6 +265,10 @@ pub enum ConnectError {
     NoFrontProxy,
     #[error("{0}")]
     Name(#[from] TlsError),
+    #[error("{MAX_QUEUED} requests already wait for a free upstream stream")]
+    QueueFull,
+    #[error("no upstream stream became free within {QUEUE_TIMEOUT:?}")]
+    QueueTimeout,
 }
 
 impl ConnectError {
@@ -106,9 +277,28 @@ impl ConnectError {
         match self {
             ConnectError::Tcp(e) | ConnectError::Tls(e) => net::classify(e),
             ConnectError::Timeout(_) | ConnectError::Handshake(_) => Fault::Backend,
-            ConnectError::NoFrontProxy | ConnectError::Name(_) => Fault::Local(net::local::OTHER),
+            ConnectError::NoFrontProxy
+            | ConnectError::Name(_)
+            | ConnectError::QueueFull
+            | ConnectError::QueueTimeout => Fault::Local(net::local::OTHER),
         }
     }
+
+    /// Queue errors mean "busy", not "down": no failover, no health report.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, ConnectError::QueueFull | ConnectError::QueueTimeout)
+    }
+}
+
+/// How an upstream request failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// The server refused it unprocessed (REFUSED_STREAM, a stream above
+    /// GOAWAY's last-stream-id, or it was never sent): safe to resend for
+    /// every method. Carries the request when hyper gave it back.
+    Refused(Option<Box<Request<UpBody>>>, hyper::Error),
+    /// Anything else: the request may have been processed.
+    Failed(hyper::Error),
 }
 
 fn clients(material: impl Fn() -> Result<ClientMaterial, TlsError>) -> Result<Clients, TlsError> {
@@ -122,9 +312,10 @@ fn clients(material: impl Fn() -> Result<ClientMaterial, TlsError>) -> Result<Cl
     })
 }
 
-impl Upstream {
-    /// Reads the pool's TLS files; an error refuses the reload.
+impl TlsSet {
+    /// Reads the pool's TLS files (blocking: call off the async control path).
     pub fn new(pool: &PoolConfig) -> Result<Self, TlsError> {
+        let source = TlsSource::read(pool);
         let t = pool.tls.clone().unwrap_or_default();
         let plain = clients(|| {
             ClientMaterial::from_files(t.ca_file.as_deref(), None, None, t.insecure_skip_verify)
@@ -140,49 +331,139 @@ impl Upstream {
             })?),
             _ => None,
         };
-        Ok(Upstream {
+        Ok(TlsSet {
+            source,
             plain,
             front_proxy,
             server_name: t.server_name.clone(),
-            connect_timeout: pool.connect_timeout,
-            caches: pool
-                .servers
-                .iter()
-                .map(|_| [Cache::new(), Cache::new()])
-                .collect(),
         })
+    }
+}
+
+impl Upstream {
+    /// Reads the pool's TLS files; an error refuses the reload.
+    pub fn new(pool: &PoolConfig) -> Result<Self, TlsError> {
+        Ok(Self::with_tls(Arc::new(TlsSet::new(pool)?), pool, None))
+    }
+
+    /// The pool's upstream for a reload: when the pool's TLS settings and
+    /// file contents are unchanged, `old`'s TLS configs and the connection
+    /// pools of servers it also has are kept (no new handshakes); otherwise
+    /// everything is new. Blocking (reads files).
+    pub fn rebuild(pool: &PoolConfig, old: Option<&Upstream>) -> Result<Self, TlsError> {
+        if let Some(o) = old {
+            if o.tls.source == TlsSource::read(pool) {
+                return Ok(Self::with_tls(o.tls.clone(), pool, Some(o)));
+            }
+        }
+        Self::new(pool)
+    }
+
+    /// An upstream with given TLS settings; connection pools of servers
+    /// that `old` also has are carried over.
+    pub fn with_tls(tls: Arc<TlsSet>, pool: &PoolConfig, old: Option<&Upstream>) -> Self {
+        let keys: Vec<String> = pool.servers.iter().map(|s| s.key.clone()).collect();
+        let slots = keys
+            .iter()
+            .map(|k| {
+                old.and_then(|o| {
+                    o.keys
+                        .iter()
+                        .position(|x| x == k)
+                        .map(|j| o.slots[j].clone())
+                })
+                .unwrap_or_else(|| [Arc::new(Slot::new()), Arc::new(Slot::new())])
+            })
+            .collect();
+        Upstream {
+            tls,
+            connect_timeout: pool.connect_timeout,
+            slots,
+            keys,
+        }
+    }
+
+    /// The TLS settings, for reuse by the next reload.
+    pub fn tls(&self) -> Arc<TlsSet> {
+        self.tls.clone()
     }
 
     pub fn has_front_proxy(&self) -> bool {
-        self.front_proxy.is_some()
+        self.tls.front_proxy.is_some()
     }
 
-    /// A connection to backend `i` for `identity`: a pooled one when there
-    /// is one, else a new one (only this step may fail over to another backend).
+    /// A place for one request on a connection to backend `i`: a free
+    /// stream on an open connection, else a new connection (one opens at a
+    /// time), else a wait in the queue. Only connect errors fail over.
     pub async fn sender(
         &self,
         i: usize,
         backend: &Backend,
         identity: Identity,
         upgrade: bool,
-    ) -> Result<Sender, ConnectError> {
-        let cache = &self.caches[i][identity as usize];
-        if !upgrade {
-            if let Some(h2) = cache.h2.load_full() {
-                if !h2.is_closed() {
-                    return Ok(Sender::H2((*h2).clone()));
-                }
-                cache.h2.store(None);
+    ) -> Result<(Sender, Lease), ConnectError> {
+        let slot = &self.slots[i][identity as usize];
+        let deadline = Instant::now() + QUEUE_TIMEOUT;
+        let mut queued: Option<Queued> = None;
+        loop {
+            let notified = slot.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(s) = self.try_pooled(slot, backend, upgrade) {
+                return Ok(s);
             }
-            while let Some(h1) = cache.h1.pop() {
-                if h1.is_ready() {
-                    return Ok(Sender::H1(h1));
+            // Tunnels are bounded by the frontend's max_connections instead.
+            let room = upgrade || slot.open.load(Relaxed) < MAX_CONNS_PER_BACKEND;
+            let h1 = upgrade || slot.h1_only.load(Relaxed);
+            if room && (h1 || !slot.opening.swap(true, Relaxed)) {
+                // Released even when this request is dropped mid-connect
+                // (its client left): others must not wait for it forever.
+                let _opener = (!h1).then(|| Opener(slot.clone()));
+                let r = self.open(slot, backend, identity, upgrade).await;
+                drop(_opener);
+                match r? {
+                    Some(s) => return Ok(s),
+                    None => continue,
                 }
+            }
+            if queued.is_none() {
+                queued = Some(Queued::enter(slot, &backend.metrics)?);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(ConnectError::QueueTimeout);
             }
         }
+    }
+
+    fn try_pooled(&self, slot: &Arc<Slot>, b: &Backend, upgrade: bool) -> Option<(Sender, Lease)> {
+        if upgrade {
+            return None;
+        }
+        if let Some(c) = slot.take_h2() {
+            let lease = Lease::new(slot.clone(), Some(c.clone()), &b.metrics);
+            return Some((Sender::H2(c, slot.clone()), lease));
+        }
+        while let Some(h1) = slot.h1.pop() {
+            if h1.is_ready() {
+                return Some((Sender::H1(h1), Lease::new(slot.clone(), None, &b.metrics)));
+            }
+        }
+        None
+    }
+
+    /// Opens one connection. HTTP/2: joins the pool and `None` is returned
+    /// (the caller takes a stream like everyone else); HTTP/1.1: returned.
+    async fn open(
+        &self,
+        slot: &Arc<Slot>,
+        backend: &Backend,
+        identity: Identity,
+        upgrade: bool,
+    ) -> Result<Option<(Sender, Lease)>, ConnectError> {
         let clients = match identity {
-            Identity::Plain => &self.plain,
+            Identity::Plain => &self.tls.plain,
             Identity::FrontProxy => self
+                .tls
                 .front_proxy
                 .as_ref()
                 .ok_or(ConnectError::NoFrontProxy)?,
@@ -192,7 +473,12 @@ impl Upstream {
         } else {
             &clients.any
         };
-        let name = tls::server_name(self.server_name.as_deref().unwrap_or(&backend.server.host))?;
+        let name = tls::server_name(
+            self.tls
+                .server_name
+                .as_deref()
+                .unwrap_or(&backend.server.host),
+        )?;
         let connect = async {
             let tcp = TcpStream::connect(backend.server.addr)
                 .await
@@ -207,37 +493,60 @@ impl Upstream {
             .await
             .map_err(|_| ConnectError::Timeout(self.connect_timeout))??;
         backend.metrics.connections.inc();
-        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let open = OpenConn::new(slot, &backend.metrics);
+        let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let io = TokioIo::new(tls);
-        if h2 {
-            let (send, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .keep_alive_interval(H2_KEEPALIVE)
-                .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-                .handshake(io)
-                .await
-                .map_err(ConnectError::Handshake)?;
-            let server = backend.server.key.clone();
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(backend.addr = %server, error = %e, "upstream h2 connection ended");
-                }
-            });
-            cache.h2.store(Some(Arc::new(send.clone())));
-            Ok(Sender::H2(send))
-        } else {
+        let server = backend.server.key.clone();
+        if !is_h2 {
+            if !upgrade {
+                slot.h1_only.store(true, Relaxed);
+            }
             let (send, conn) = http1::Builder::new()
+                .max_buf_size(MAX_SEND_BUF.max(8192) * 4)
                 .handshake(io)
                 .await
                 .map_err(ConnectError::Handshake)?;
-            let server = backend.server.key.clone();
             tokio::spawn(async move {
                 if let Err(e) = conn.with_upgrades().await {
                     debug!(backend.addr = %server, error = %e, "upstream http/1.1 connection ended");
                 }
+                drop(open);
             });
-            Ok(Sender::H1(send))
+            let lease = Lease::new(slot.clone(), None, &backend.metrics);
+            return Ok(Some((Sender::H1(send), lease)));
         }
+        let goaway = Arc::new(GoawayState::default());
+        let io = TokioIo::new(Watched::new(io.into_inner(), goaway.clone()));
+        let (send, conn) = h2_builder()
+            .handshake(io)
+            .await
+            .map_err(ConnectError::Handshake)?;
+        let c = Arc::new(H2Conn {
+            send,
+            inflight: AtomicUsize::new(0),
+            peer_max: Arc::new(AtomicUsize::new(MAX_STREAMS_PER_CONN)),
+            draining: AtomicBool::new(false),
+            goaway,
+        });
+        let watch = PeerMax {
+            conn,
+            max: c.peer_max.clone(),
+        };
+        let weak = Arc::downgrade(slot);
+        let me = Arc::downgrade(&c);
+        slot.h2.rcu(|v| {
+            let mut v = Vec::clone(v);
+            v.push(c.clone());
+            v
+        });
+        tokio::spawn(async move {
+            if let Err(e) = watch.await {
+                debug!(backend.addr = %server, error = %e, "upstream h2 connection ended");
+            }
+            forget(weak, me);
+            drop(open);
+        });
+        Ok(None)
     }
 
     /// Gives an HTTP/1.1 connection back once its response has been read.
@@ -247,11 +556,164 @@ impl Upstream {
         identity: Identity,
         mut h1: http1::SendRequest<UpBody>,
     ) {
-        let me = self.clone();
+        let slot = self.slots[i][identity as usize].clone();
         tokio::spawn(async move {
             if h1.ready().await.is_ok() {
-                let _ = me.caches[i][identity as usize].h1.push(h1);
+                let _ = slot.h1.push(h1);
+                slot.freed();
             }
         });
+    }
+
+    /// Sends a request; tells refusals (safe to resend) from other failures.
+    /// A connection that refused takes no new streams.
+    pub async fn send(
+        sender: &mut Sender,
+        req: Request<UpBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let r = match sender {
+            Sender::H2(c, _) => c.send.clone().try_send_request(req).await,
+            Sender::H1(s) => s.try_send_request(req).await,
+        };
+        r.map_err(|mut e| {
+            let msg = e.take_message();
+            let err = e.into_error();
+            let unprocessed = match sender {
+                Sender::H2(c, _) => c.goaway.unprocessed_at_eof.load(Relaxed),
+                Sender::H1(_) => false,
+            };
+            if msg.is_some() || unprocessed || refused(&err) {
+                if let Sender::H2(c, slot) = sender {
+                    c.draining.store(true, Relaxed);
+                    slot.remove_h2(c);
+                }
+                SendError::Refused(msg.map(Box::new), err)
+            } else {
+                SendError::Failed(err)
+            }
+        })
+    }
+}
+
+fn h2_builder() -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .initial_max_send_streams(MAX_STREAMS_PER_CONN)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buf_size(MAX_SEND_BUF)
+        .max_header_list_size(MAX_HEADER_LIST);
+    b
+}
+
+/// Whether the server refused a request unprocessed: REFUSED_STREAM, or a
+/// GOAWAY whose last-stream-id is below the stream (RFC 9113 §8.7).
+fn refused(e: &hyper::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if let Some(h) = s.downcast_ref::<h2::Error>() {
+            return h.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h.is_go_away() && h.is_remote());
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// Removes a closed connection from its pool and wakes waiters.
+fn forget(slot: Weak<Slot>, conn: Weak<H2Conn>) {
+    if let (Some(slot), Some(c)) = (slot.upgrade(), conn.upgrade()) {
+        c.draining.store(true, Relaxed);
+        slot.remove_h2(&c);
+        slot.wake.notify_waiters();
+    }
+}
+
+/// Counts an open upstream connection until its task ends.
+struct OpenConn {
+    slot: Weak<Slot>,
+    gauge: prometheus::IntGauge,
+}
+
+impl OpenConn {
+    fn new(slot: &Arc<Slot>, m: &BackendMetrics) -> Self {
+        slot.open.fetch_add(1, Relaxed);
+        m.upstream_connections.inc();
+        OpenConn {
+            slot: Arc::downgrade(slot),
+            gauge: m.upstream_connections.clone(),
+        }
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.gauge.dec();
+        if let Some(s) = self.slot.upgrade() {
+            s.open.fetch_sub(1, Relaxed);
+            s.wake.notify_waiters();
+        }
+    }
+}
+
+/// The one request opening an HTTP/2 connection for its slot; when it is
+/// done (or dropped) the next may open one and waiters look again.
+struct Opener(Arc<Slot>);
+
+impl Drop for Opener {
+    fn drop(&mut self) {
+        self.0.opening.store(false, Relaxed);
+        self.0.wake.notify_waiters();
+    }
+}
+
+/// A request waiting for a free stream; counted while it waits.
+struct Queued {
+    slot: Arc<Slot>,
+    gauge: prometheus::IntGauge,
+}
+
+impl Queued {
+    fn enter(slot: &Arc<Slot>, m: &BackendMetrics) -> Result<Self, ConnectError> {
+        if slot.waiting.fetch_add(1, Relaxed) >= MAX_QUEUED {
+            slot.waiting.fetch_sub(1, Relaxed);
+            return Err(ConnectError::QueueFull);
+        }
+        m.queued.inc();
+        Ok(Queued {
+            slot: slot.clone(),
+            gauge: m.queued.clone(),
+        })
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.slot.waiting.fetch_sub(1, Relaxed);
+        self.gauge.dec();
+    }
+}
+
+/// Drives an HTTP/2 connection and publishes the server's current
+/// SETTINGS_MAX_CONCURRENT_STREAMS after every poll.
+struct PeerMax<C> {
+    conn: C,
+    max: Arc<AtomicUsize>,
+}
+
+impl<T> std::future::Future for PeerMax<http2::Connection<T, UpBody, TokioExecutor>>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    type Output = hyper::Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let r = Pin::new(&mut self.conn).poll(cx);
+        let n = self.conn.current_max_send_streams();
+        self.max.store(n, Relaxed);
+        r
     }
 }

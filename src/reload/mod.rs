@@ -238,7 +238,7 @@ impl Reconciler {
     ) -> Result<Option<AdminListener>, ReloadError> {
         let old = self.shared.snapshot.load_full();
         let plan = plan(self.started.then_some(&*old.config), &cfg);
-        let prepared = prepare(&cfg, &plan).await?;
+        let prepared = prepare(&cfg, &plan, self.upstreams()).await?;
         if self.started && old.config.workers != cfg.workers {
             warn!("workers changed; the runtime keeps its threads until the next restart");
         }
@@ -593,9 +593,27 @@ impl Reconciler {
     }
 }
 
+impl Reconciler {
+    /// The live upstream of every pool an L7 frontend uses, by pool name:
+    /// the next reload keeps those whose TLS did not change.
+    fn upstreams(&self) -> HashMap<String, Arc<Upstream>> {
+        self.routes
+            .values()
+            .map(|r| {
+                let r = r.load();
+                (r.pool.config.name.clone(), r.upstream.clone())
+            })
+            .collect()
+    }
+}
+
 /// The fallible step: binds every new socket and reads TLS material (off the
 /// async threads). Nothing live is touched.
-async fn prepare(cfg: &Config, plan: &Plan) -> Result<Prepared, ReloadError> {
+async fn prepare(
+    cfg: &Config,
+    plan: &Plan,
+    old: HashMap<String, Arc<Upstream>>,
+) -> Result<Prepared, ReloadError> {
     let mut listeners = HashMap::new();
     for (i, name, addr) in &plan.bind {
         let b = net::bind(*addr).map_err(|error| ReloadError::Bind {
@@ -614,7 +632,7 @@ async fn prepare(cfg: &Config, plan: &Plan) -> Result<Prepared, ReloadError> {
         None => None,
     };
     let c = cfg.clone();
-    let http = tokio::task::spawn_blocking(move || http_material(&c))
+    let http = tokio::task::spawn_blocking(move || http_material(&c, &old))
         .await
         .map_err(|_| ReloadError::Stopped)??;
     Ok(Prepared {
@@ -627,6 +645,7 @@ async fn prepare(cfg: &Config, plan: &Plan) -> Result<Prepared, ReloadError> {
 /// TLS acceptors of L7 frontends and upstreams of their pools.
 fn http_material(
     cfg: &Config,
+    old: &HashMap<String, Arc<Upstream>>,
 ) -> Result<HashMap<String, (TlsAcceptor, Arc<Upstream>)>, ReloadError> {
     let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
     let mut out = HashMap::new();
@@ -640,7 +659,9 @@ fn http_material(
                     .iter()
                     .position(|p| p.name == fe.pool)
                     .unwrap_or(0);
-                let u = Upstream::new(&cfg.pools[pi]).map_err(|error| ReloadError::Tls {
+                let pc = &cfg.pools[pi];
+                let prev = old.get(&pc.name).map(|u| &**u);
+                let u = Upstream::rebuild(pc, prev).map_err(|error| ReloadError::Tls {
                     field: format!("pools[{pi}].tls"),
                     error,
                 })?;

@@ -81,15 +81,7 @@ impl Pki {
     }
 
     pub fn fake_options(&self, name: &str) -> FakeOptions {
-        FakeOptions {
-            name: name.to_string(),
-            cert_pem: self.serving.cert_pem.clone(),
-            key_pem: self.serving.key_pem.clone(),
-            client_ca_pem: None,
-            require_client_cert: false,
-            watch_interval: Duration::from_millis(100),
-            watch_events: None,
-        }
+        FakeOptions::new(name, &self.serving.cert_pem, &self.serving.key_pem)
     }
 
     /// Starts `n` fakes named `api-1`...
