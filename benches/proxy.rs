@@ -28,6 +28,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 const LARGE: u64 = 1 << 30; // 1 GiB, streamed
 const SMALL: usize = 1024;
 const IDLE_CONNS: usize = 5000;
+/// Scenario f: open L7 watches (500 in quick mode), 100 per HTTP/2 connection.
+const WATCHES: usize = 5000;
+const WATCHES_QUICK: usize = 500;
+const STREAMS_PER_CONN: usize = 100;
 const ARMS: [&str; 4] = ["direct", "apilb", "haproxy", "nginx"];
 
 struct Opts {
@@ -186,6 +190,30 @@ impl Body for Repeat {
     }
 }
 
+/// A watch: one event at once, then silence until the client leaves (the
+/// body is never woken again, so it costs nothing while open).
+struct Watch {
+    sent: bool,
+}
+
+impl Body for Watch {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.sent {
+            return Poll::Pending;
+        }
+        self.sent = true;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+            b"{\"type\":\"ADDED\"}\n",
+        )))))
+    }
+}
+
 async fn backend_handle(
     req: hyper::Request<hyper::body::Incoming>,
     chunk: Bytes,
@@ -194,6 +222,7 @@ async fn backend_handle(
     let body = match req.uri().path() {
         "/large" => BoxBody::new(Repeat { left: LARGE, chunk }),
         "/readyz" => Full::new(Bytes::from_static(b"ok")).boxed(),
+        "/watch" => BoxBody::new(Watch { sent: false }),
         _ => Full::new(small).boxed(),
     };
     Ok(hyper::Response::new(body))
@@ -666,6 +695,78 @@ fn open_idle(addr: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
     conns
 }
 
+/// `n` HTTP/2 watches over TLS (100 streams per connection), held open by a
+/// thread on CPU 0 until dropped.
+struct Watches {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn open_watches(addr: SocketAddr, ca: &Path, n: usize) -> Watches {
+    let mut m = apilb::tls::ClientMaterial::from_files(Some(ca), None, None, false).unwrap();
+    m.alpn = vec![b"h2".to_vec()];
+    let cfg = m.build().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready) = std::sync::mpsc::channel::<usize>();
+    let thread = std::thread::spawn(move || {
+        pin_current_thread(0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut held = Vec::with_capacity(n);
+            for _ in 0..n.div_ceil(STREAMS_PER_CONN) {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let name = apilb::tls::server_name("127.0.0.1").unwrap();
+                let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect(name, tcp)
+                    .await
+                    .unwrap();
+                let (send, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                let want = STREAMS_PER_CONN.min(n - held.len());
+                let mut pending = Vec::with_capacity(want);
+                for _ in 0..want {
+                    let mut s = send.clone();
+                    let req = hyper::Request::get(format!("https://{addr}/watch"))
+                        .body(http_body_util::Empty::<Bytes>::new())
+                        .unwrap();
+                    pending.push(tokio::spawn(async move { s.send_request(req).await }));
+                }
+                for p in pending {
+                    if let Ok(Ok(resp)) = p.await {
+                        held.push(resp);
+                    }
+                }
+            }
+            let _ = ready_tx.send(held.len());
+            let _ = stopped.await;
+        });
+    });
+    let opened = ready.recv().unwrap_or(0);
+    assert_eq!(
+        opened, n,
+        "only {opened} of {n} watches opened through {addr}"
+    );
+    Watches {
+        stop: Some(stop),
+        thread: Some(thread),
+    }
+}
+
 // ----------------------------------------------------------------- results
 
 #[derive(Default)]
@@ -787,7 +888,7 @@ fn main() {
         skipped.push("nginx (nginx or libnginx-mod-stream not installed)");
     }
     if h2.is_none() {
-        skipped.push("scenario e (h2load not installed)");
+        skipped.push("scenarios e and f (h2load not installed)");
     }
 
     let dir = tempfile::tempdir().unwrap();
@@ -1009,6 +1110,47 @@ fn main() {
                         name,
                         p99 - direct.1,
                     );
+                }
+            }
+        }
+        // f: L7 GETs while many watches are open (apilb vs HAProxy).
+        if h2.is_some() && o.wants('f') {
+            let n = if o.quick { WATCHES_QUICK } else { WATCHES };
+            let warm = if o.quick { 0 } else { 3 };
+            let s = format!("f L7 with {n} watches");
+            for (name, p, ports) in arms.iter().filter(|(n, ..)| n != "nginx") {
+                let addr = SocketAddr::from(([127, 0, 0, 1], ports.l7));
+                let url = format!("https://{addr}/1k");
+                let (_, _, p99_without) = h2load(secs, warm, 16, 32, &url, &d.join("h2.log"));
+                let before = p.as_ref().map(|p| pss_kib(p.pid()));
+                let watches = open_watches(addr, &ca_file, n);
+                std::thread::sleep(Duration::from_millis(500));
+                let with_pss = p.as_ref().map(|p| pss_kib(p.pid()));
+                let (_, _, p99_with) = h2load(secs, warm, 16, 32, &url, &d.join("h2.log"));
+                drop(watches);
+                rec(
+                    &mut r,
+                    &s,
+                    "GET p99 µs without watches (c16 m32)",
+                    name,
+                    p99_without,
+                );
+                rec(
+                    &mut r,
+                    &s,
+                    "GET p99 µs with watches (c16 m32)",
+                    name,
+                    p99_with,
+                );
+                rec(
+                    &mut r,
+                    &s,
+                    "p99 with ÷ without",
+                    name,
+                    p99_with / p99_without,
+                );
+                if let (Some(b), Some(w)) = (before, with_pss) {
+                    rec(&mut r, &s, "KiB PSS per watch", name, (w - b) / n as f64);
                 }
             }
         }
