@@ -67,6 +67,8 @@ pub enum HandoverError {
     Timeout { pid: u32, after: Duration },
     #[error("waiting for the new process failed: {0}")]
     Wait(io::Error),
+    #[error("apilb began stopping during the re-exec; the new process was killed")]
+    Abandoned,
 }
 
 fn reasons_suffix(reasons: &[String]) -> String {
