@@ -160,7 +160,9 @@ fn unhex(s: &str) -> Option<String> {
 /// A socket handed to the successor.
 pub struct Handed<'a> {
     pub fd: BorrowedFd<'a>,
-    pub label: &'a str,
+    /// `frontend/NAME` or `admin`.
+    pub label: String,
+    /// The `listen` of the config (port 0 stays 0).
     pub configured: SocketAddr,
 }
 
@@ -168,7 +170,7 @@ pub struct Handed<'a> {
 pub fn encode_handed(sockets: &[Handed<'_>]) -> String {
     sockets
         .iter()
-        .map(|s| format!("{},{},{}", s.fd.as_raw_fd(), s.configured, hex(s.label)))
+        .map(|s| format!("{},{},{}", s.fd.as_raw_fd(), s.configured, hex(&s.label)))
         .collect::<Vec<_>>()
         .join(";")
 }
@@ -676,12 +678,12 @@ mod tests {
         let v = encode_handed(&[
             Handed {
                 fd: l.as_fd(),
-                label,
+                label: label.into(),
                 configured: "127.0.0.1:0".parse().unwrap(),
             },
             Handed {
                 fd: a.as_fd(),
-                label: "admin",
+                label: "admin".into(),
                 configured: "[::1]:8404".parse().unwrap(),
             },
         ]);
@@ -832,7 +834,7 @@ mod tests {
         );
         let handed = [Handed {
             fd: l.as_fd(),
-            label: "frontend/fe",
+            label: "frontend/fe".into(),
             configured: "127.0.0.1:0".parse().unwrap(),
         }];
         let pid = spawn_successor(&sh(&script), &handed, Duration::from_secs(10))
