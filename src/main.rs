@@ -246,6 +246,10 @@ impl Signals {
                     reloader.reload().await;
                 }
                 _ = self.usr2.recv() => {
+                    if shared.shutdown.is_cancelled() {
+                        info!("SIGUSR2 ignored: this process is draining (stopping, or handed over)");
+                        continue;
+                    }
                     if reexec_busy.swap(true, Ordering::AcqRel) {
                         info!("SIGUSR2 ignored: a re-exec is already in progress");
                         continue;
@@ -253,10 +257,9 @@ impl Signals {
                     info!("SIGUSR2: re-executing");
                     let (reloader, busy) = (reloader.clone(), reexec_busy.clone());
                     tokio::spawn(async move {
-                        // After a hand-over this process drains: stay busy.
-                        if reloader.reexec().await.is_err() {
-                            busy.store(false, Ordering::Release);
-                        }
+                        // The control task logs and counts the outcome.
+                        let _ = reloader.reexec().await;
+                        busy.store(false, Ordering::Release);
                     });
                 }
                 _ = self.term.recv() => Self::stop(&shared, &mut stopping),

@@ -197,6 +197,13 @@ async fn sigusr2_under_load_refuses_nothing_and_cuts_no_stream() {
     assert_ne!(new_pid, d.pid(), "a new process serves the admin port");
     d.wait_log("re-exec: the new process serves; draining", None)
         .await;
+    // A stray USR2 to the draining process starts nothing.
+    d.signal(libc::SIGUSR2);
+    d.wait_log(
+        "SIGUSR2 ignored: this process is draining (stopping, or handed over)",
+        None,
+    )
+    .await;
     // Load keeps flowing through the new process while the old one drains
     // the ten streams, which keep working: 10 more round trips each (0.5 s).
     let at_handover: Vec<usize> = trips.iter().map(|n| n.load(Relaxed)).collect();
@@ -245,6 +252,7 @@ async fn sigusr2_under_load_refuses_nothing_and_cuts_no_stream() {
     );
     // The new process serves on its own, with the generation in the metrics.
     wait_serves(addr, "b1").await;
+    assert_eq!(status(admin).await["process"]["pid"], new_pid);
     assert_eq!(
         metric_value(admin, "apilb_process_generation").await,
         Some(1.0)
