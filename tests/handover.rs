@@ -500,3 +500,85 @@ async fn sighup_reloads_after_a_reexec() {
     );
     assert_eq!(status(admin).await["process"]["pid"], new_pid);
 }
+
+/// Datagrams sent to a NOTIFY_SOCKET the test owns, as systemd would get them.
+struct Notifications {
+    got: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl Notifications {
+    fn bind() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let sock = tokio::net::UnixDatagram::bind(&path).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf).await {
+                g.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        });
+        Notifications {
+            got,
+            _dir: dir,
+            path,
+        }
+    }
+
+    async fn wait(&self, want: &str) {
+        wait_for(
+            &format!("sd_notify {want:?}"),
+            Duration::from_secs(10),
+            || async {
+                self.got
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m.contains(want))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    fn any(&self, want: &str) -> bool {
+        self.got.lock().unwrap().iter().any(|m| m.contains(want))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sd_notify_follows_the_new_process() {
+    let b1 = EchoBackend::start("b1").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), &[b1.addr], "127.0.0.1:0", "2s");
+    let notes = Notifications::bind();
+    let mut cmd = Command::new(apilb_bin());
+    cmd.env("NOTIFY_SOCKET", &notes.path)
+        .args(["--log-format", "json", "run", "--no-watch", "-c"])
+        .arg(&cfg);
+    let mut d = Daemon::spawn_command(cmd);
+    let admin = d.admin_addr().await;
+    notes.wait(&format!("READY=1\nMAINPID={}", d.pid())).await;
+
+    d.signal(libc::SIGUSR2);
+    let new_pid = wait_generation(admin, 1).await;
+    let _new = KillOnDrop(new_pid);
+    // The old main process names its successor; the successor announces itself.
+    notes
+        .wait(&format!("MAINPID={new_pid}\nSTATUS=handed over"))
+        .await;
+    notes.wait(&format!("READY=1\nMAINPID={new_pid}")).await;
+    assert_eq!(d.wait_exit(Duration::from_secs(10)).await, Some(0));
+    assert!(
+        !notes.any("STOPPING=1"),
+        "the old process drained without telling systemd the service stops"
+    );
+    // A plain stop of the new main process does say so.
+    signal(new_pid, libc::SIGTERM);
+    notes.wait("STOPPING=1").await;
+}
