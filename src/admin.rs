@@ -182,6 +182,11 @@ pub fn status(shared: &Shared) -> serde_json::Value {
     pools.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "process": {
+            "pid": std::process::id(),
+            "generation": shared.metrics.generation.get(),
+            "started_at": shared.metrics.started.get(),
+        },
         "draining": shared.is_draining(),
         "config": {
             "source": snap.config.source.as_ref().map(|p| p.display().to_string()),

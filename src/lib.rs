@@ -9,7 +9,8 @@
 //! 1. [`balancer`]: pools, backends (health flag, open connections), `pick()`.
 //! 2. [`health`]: per-backend monitors (rise/fall, the only writer of the
 //!    health flag) and probe tasks; [`net`]: connect, tuning, binding, fault
-//!    classification.
+//!    classification; [`handover`]: inherited listening sockets (systemd,
+//!    re-exec), sd_notify, starting the re-exec successor.
 //! 3. [`proxy`]: services handed an accepted socket: `tcp` (L4 relay through
 //!    `pump`), `http` (L7 over `upstream` pools, `h1guard`); beside it
 //!    [`discovery`]: pool members from EndpointSlices, reported upward on a
@@ -30,6 +31,7 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod fsread;
+pub mod handover;
 pub mod health;
 pub mod listener;
 pub mod metrics;

@@ -3,9 +3,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
 use apilb::config::{self, ConfigError};
+use apilb::handover::{self, Startup};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
@@ -36,7 +39,9 @@ struct Cli {
 enum Command {
     /// Run the daemon: listen on every frontend, probe backends, serve admin.
     /// SIGHUP reloads the config; SIGTERM/SIGINT stop accepting and drain open
-    /// connections for up to shutdown_grace, then exit 0.
+    /// connections for up to shutdown_grace, then exit 0; SIGUSR2 starts the
+    /// binary on disk again, hands it every listening socket, and drains once
+    /// it serves (a failed start changes nothing).
     Run {
         /// The YAML config file.
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
@@ -151,51 +156,128 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(path: &Path, watch_config: bool) -> anyhow::Result<ExitCode> {
+    // Before any thread starts: it reads and unsets LISTEN_FDS and the
+    // re-exec variables and adopts the sockets they name.
+    let Startup {
+        process,
+        inherited,
+        mut readiness,
+    } = Startup::from_env();
     let cfg = match config::load(path) {
         Ok(c) => c,
         Err(e) => {
             print_config_errors(path, &e);
+            readiness.failed(&e.errors.iter().map(|f| f.to_string()).collect::<Vec<_>>());
             return Ok(ExitCode::from(apilb::EXIT_CONFIG as u8));
         }
     };
-    let rt = runtime(cfg.workers)?;
+    let rt = match runtime(cfg.workers) {
+        Ok(rt) => rt,
+        Err(e) => {
+            readiness.failed(&[format!("{e:#}")]);
+            return Err(e);
+        }
+    };
     rt.block_on(async move {
-        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-        info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "apilb starting");
-        let handle = apilb::start_with(cfg, apilb::Options { watch_config })
-            .await
-            .context("cannot start")?;
-        let reloader = handle.reloader();
-        let shared = handle.shared().clone();
-        let signals = tokio::spawn(async move {
-            let mut stopping = false;
-            loop {
-                let stop = tokio::select! {
-                    _ = hup.recv() => false,
-                    _ = term.recv() => true,
-                    _ = int.recv() => true,
-                };
-                if !stop {
-                    info!("SIGHUP: reloading config");
-                    reloader.reload().await;
-                    continue;
-                }
-                if stopping {
-                    info!("second stop signal: closing every connection now");
-                    shared.hard_stop.cancel();
-                } else {
-                    info!("stop signal: draining");
-                    stopping = true;
-                    shared.shutdown.cancel();
-                }
+        let signals = Signals::new()?;
+        info!(
+            version = env!("CARGO_PKG_VERSION"),
+            config = %path.display(),
+            pid = std::process::id(),
+            generation = process.generation,
+            inherited_sockets = inherited.len(),
+            "apilb starting"
+        );
+        let options = apilb::Options {
+            watch_config,
+            process,
+            inherited: Arc::new(inherited),
+        };
+        let handle = match apilb::start_with(cfg, options).await {
+            Ok(h) => h,
+            Err(e) => {
+                readiness.failed(&e.lines());
+                return Err(anyhow::Error::new(e).context("cannot start"));
             }
-        });
+        };
+        readiness.ready();
+        handover::notify(&format!(
+            "READY=1\nMAINPID={}\nSTATUS=serving",
+            std::process::id()
+        ));
+        let task = tokio::spawn(signals.handle(handle.reloader(), handle.shared().clone()));
         handle.wait().await;
-        signals.abort();
+        task.abort();
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The daemon's signal handlers, installed before it starts serving.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            usr2: signal(SignalKind::user_defined2()).context("SIGUSR2 handler")?,
+        })
+    }
+
+    /// SIGHUP reloads; SIGUSR2 re-executes (one at a time); the first
+    /// SIGTERM/SIGINT drains, the second closes every connection.
+    async fn handle(
+        mut self,
+        reloader: apilb::runtime::Reloader,
+        shared: Arc<apilb::snapshot::Shared>,
+    ) {
+        let mut stopping = false;
+        let reexec_busy = Arc::new(AtomicBool::new(false));
+        loop {
+            tokio::select! {
+                _ = self.hup.recv() => {
+                    info!("SIGHUP: reloading config");
+                    reloader.reload().await;
+                }
+                _ = self.usr2.recv() => {
+                    if shared.shutdown.is_cancelled() {
+                        info!("SIGUSR2 ignored: this process is draining (stopping, or handed over)");
+                        continue;
+                    }
+                    if reexec_busy.swap(true, Ordering::AcqRel) {
+                        info!("SIGUSR2 ignored: a re-exec is already in progress");
+                        continue;
+                    }
+                    info!("SIGUSR2: re-executing");
+                    let (reloader, busy) = (reloader.clone(), reexec_busy.clone());
+                    tokio::spawn(async move {
+                        // The control task logs and counts the outcome.
+                        let _ = reloader.reexec().await;
+                        busy.store(false, Ordering::Release);
+                    });
+                }
+                _ = self.term.recv() => Self::stop(&shared, &mut stopping),
+                _ = self.int.recv() => Self::stop(&shared, &mut stopping),
+            }
+        }
+    }
+
+    fn stop(shared: &apilb::snapshot::Shared, stopping: &mut bool) {
+        if *stopping {
+            info!("second stop signal: closing every connection now");
+            shared.hard_stop.cancel();
+        } else {
+            info!("stop signal: draining");
+            *stopping = true;
+            shared.shutdown.cancel();
+        }
+    }
 }
 
 fn demo() -> anyhow::Result<ExitCode> {

@@ -41,6 +41,9 @@ pub const DISCOVERY_ENDPOINTS: &str = "apilb_discovery_endpoints";
 pub const DISCOVERY_ERRORS: &str = "apilb_discovery_errors_total";
 pub const DISCOVERY_LAST_SYNC: &str = "apilb_discovery_last_sync_timestamp_seconds";
 pub const TLS_CERT_EXPIRY: &str = "apilb_tls_certificate_expiry_timestamp_seconds";
+pub const REEXECS: &str = "apilb_reexec_total";
+pub const PROCESS_GENERATION: &str = "apilb_process_generation";
+pub const PROCESS_STARTED: &str = "apilb_process_start_time_seconds";
 
 /// Method label values: anything else is counted as `OTHER`, so a client
 /// cannot create series at will.
@@ -113,6 +116,12 @@ pub struct Metrics {
     discovery_endpoints: IntGaugeVec,
     discovery_errors: IntCounterVec,
     discovery_last_sync: GaugeVec,
+    /// SIGUSR2 re-execs by result (success, failure).
+    pub reexecs: IntCounterVec,
+    /// 0 for a fresh start, +1 per re-exec.
+    pub generation: IntGauge,
+    /// When this process started (Unix seconds).
+    pub started: Gauge,
 }
 
 /// Handles for one pool's EndpointSlice discovery.
@@ -363,9 +372,29 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            reexecs: cv(
+                REEXECS,
+                "SIGUSR2 re-execs by result: success (the new process took the sockets) or failure (this process kept serving)",
+                &["result"],
+            ),
+            generation: reg(
+                &r,
+                IntGauge::new(
+                    PROCESS_GENERATION,
+                    "Re-execs since the last fresh start (0 for a fresh start)",
+                )
+                .unwrap(),
+            ),
+            started: reg(
+                &r,
+                Gauge::new(PROCESS_STARTED, "Unix time this apilb process started").unwrap(),
+            ),
             registry: r,
             series: std::sync::RwLock::new(()),
         };
+        for result in ["success", "failure"] {
+            m.reexecs.with_label_values(&[result]);
+        }
         let build = reg(
             &m.registry,
             IntGaugeVec::new(

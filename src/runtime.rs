@@ -1,8 +1,9 @@
 //! The control loop of a running apilb: reload commands (file changes,
-//! SIGHUP, in-memory configs), the admin server's task, shutdown and its
-//! grace; and the `Handle` callers hold.
+//! SIGHUP, in-memory configs), re-execs (SIGUSR2), the admin server's task,
+//! shutdown and its grace; and the `Handle` callers hold.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -11,11 +12,12 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin;
 use crate::config::Config;
 use crate::discovery;
+use crate::handover::{self, Handed, HandoverError, Inherited, Process};
 use crate::reload::{self, AdminListener, Reconciler, ReloadError};
 use crate::snapshot::Shared;
 
@@ -29,6 +31,11 @@ pub(crate) enum Command {
     Apply {
         config: Box<Config>,
         reply: oneshot::Sender<Result<(), ReloadError>>,
+    },
+    /// Start the successor, hand it every listening socket and drain once
+    /// it serves (SIGUSR2); the reply is its pid.
+    Reexec {
+        reply: oneshot::Sender<Result<u32, HandoverError>>,
     },
 }
 
@@ -117,6 +124,17 @@ impl Reloader {
             })
             .await;
     }
+
+    /// Re-executes (what SIGUSR2 does): on success the new process serves
+    /// and this one drains; on failure nothing changed. Outcomes are logged
+    /// and counted by the control task.
+    pub async fn reexec(&self) -> Result<u32, HandoverError> {
+        let (tx, rx) = oneshot::channel();
+        if self.0.send(Command::Reexec { reply: tx }).await.is_err() {
+            return Err(HandoverError::Abandoned);
+        }
+        rx.await.unwrap_or(Err(HandoverError::Abandoned))
+    }
 }
 
 /// How an instance is started.
@@ -125,11 +143,20 @@ pub struct Options {
     /// Watch the config file and reload when its content changes. When off,
     /// only SIGHUP (or `Handle::reload`) reloads.
     pub watch_config: bool,
+    /// This process: its generation, start time, and how to re-exec it.
+    pub process: Process,
+    /// Listening sockets from systemd or a re-exec predecessor; those the
+    /// first config does not use are closed after start.
+    pub inherited: Arc<Inherited>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { watch_config: true }
+        Options {
+            watch_config: true,
+            process: Process::current(),
+            inherited: Arc::default(),
+        }
     }
 }
 
@@ -143,10 +170,18 @@ pub async fn start(config: Config) -> Result<Handle, ReloadError> {
 /// file, watches that file for changes.
 pub async fn start_with(config: Config, options: Options) -> Result<Handle, ReloadError> {
     let shared = Arc::new(Shared::new());
+    shared
+        .metrics
+        .generation
+        .set(options.process.generation as i64);
+    shared.metrics.started.set(options.process.started_unix());
     let (discovered_tx, discovered_rx) = mpsc::channel(16);
-    let mut reconciler = Reconciler::new(shared.clone(), discovered_tx);
+    let mut reconciler = Reconciler::new(shared.clone(), discovered_tx, options.inherited.clone());
     let source = config.source.clone();
     let admin_listener = reconciler.apply(config, None).await?;
+    for l in options.inherited.leftovers() {
+        warn!(addr = %l.local, from = %l.origin, name = l.label.as_deref().unwrap_or(""), "closing an inherited socket no listener of the config uses");
+    }
     let mut admin = AdminTask::default();
     admin.replace(&shared, admin_listener);
     let (tx, rx) = mpsc::channel(16);
@@ -159,6 +194,8 @@ pub async fn start_with(config: Config, options: Options) -> Result<Handle, Relo
         reconciler,
         admin,
         source,
+        process: options.process,
+        handed_over: false,
     };
     let task = tokio::spawn(ctl.run(rx, changed_rx, discovered_rx));
     Ok(Handle {
@@ -173,6 +210,9 @@ pub async fn start_with(config: Config, options: Options) -> Result<Handle, Relo
 #[derive(Default)]
 struct AdminTask {
     stop: Option<CancellationToken>,
+    /// `admin.listen` as configured and a duplicate of the socket, for a
+    /// re-exec successor.
+    handover: Option<(SocketAddr, std::net::TcpListener)>,
 }
 
 impl AdminTask {
@@ -180,14 +220,25 @@ impl AdminTask {
     fn replace(&mut self, shared: &Arc<Shared>, new: Option<AdminListener>) {
         let Some(a) = new else { return };
         let stop = CancellationToken::new();
-        info!(addr = %a.bound, "admin listening");
+        let socket = if a.inherited { "inherited" } else { "bound" };
+        info!(addr = %a.bound, socket, "admin listening");
         tokio::spawn(admin::serve(a.listener, shared.clone(), stop.clone()));
+        self.handover = a.handover.map(|l| (a.listen, l));
         if let Some(old) = self.stop.replace(stop) {
             old.cancel();
         }
     }
 
+    fn handed(&self) -> Option<Handed<'_>> {
+        self.handover.as_ref().map(|(listen, l)| Handed {
+            fd: l.as_fd(),
+            label: reload::ADMIN_LABEL.into(),
+            configured: *listen,
+        })
+    }
+
     fn stop(&mut self) {
+        self.handover = None;
         if let Some(s) = self.stop.take() {
             s.cancel();
         }
@@ -199,6 +250,9 @@ struct Control {
     reconciler: Reconciler,
     admin: AdminTask,
     source: Option<PathBuf>,
+    process: Process,
+    /// A successor took over: drain without telling systemd we stop.
+    handed_over: bool,
 }
 
 impl Control {
@@ -235,12 +289,60 @@ impl Control {
                         self.reconciler.record_result(r.as_ref().map(|_| ()));
                         let _ = reply.send(r.map(|a| self.admin.replace(&self.shared, a)));
                     }
+                    Some(Command::Reexec { reply }) => {
+                        let _ = reply.send(self.reexec().await);
+                    }
                 },
             }
+        }
+        self.reconciler.release_listeners();
+        if !self.handed_over {
+            handover::notify("STOPPING=1\nSTATUS=draining open connections");
         }
         drain(&self.shared).await;
         self.admin.stop();
         info!("stopped");
+    }
+
+    /// Starts the successor with every listening socket and waits until it
+    /// serves; then stops this process's admin server and begins the drain.
+    /// On failure this process serves on, unchanged.
+    async fn reexec(&mut self) -> Result<u32, HandoverError> {
+        let mut sockets = self.reconciler.handed();
+        sockets.extend(self.admin.handed());
+        info!(
+            exe = %self.process.exe().map(|p| p.display().to_string()).unwrap_or_default(),
+            sockets = sockets.len(),
+            generation = self.process.generation + 1,
+            "re-exec: starting the new process"
+        );
+        let spawn = handover::spawn_successor(&self.process, &sockets, handover::READY_TIMEOUT);
+        let r = tokio::select! {
+            r = spawn => r,
+            _ = self.shared.shutdown.cancelled() => Err(HandoverError::Abandoned),
+        };
+        drop(sockets);
+        let m = &self.shared.metrics;
+        match &r {
+            Ok(pid) => {
+                m.reexecs.with_label_values(&["success"]).inc();
+                info!(new_pid = pid, "re-exec: the new process serves; draining");
+                // This process is still the main PID: systemd accepts the
+                // change from it regardless of NotifyAccess.
+                handover::notify(&format!(
+                    "MAINPID={pid}\nSTATUS=handed over to pid {pid}; draining"
+                ));
+                self.handed_over = true;
+                self.admin.stop();
+                self.shared.shutdown.cancel();
+            }
+            Err(e) => {
+                m.reexecs.with_label_values(&["failure"]).inc();
+                error!(error = %e, "re-exec failed; this process keeps serving");
+                handover::notify(&format!("STATUS=serving; the last re-exec failed: {e}"));
+            }
+        }
+        r
     }
 
     async fn reload(&mut self, force: bool) -> Result<(), ReloadError> {

@@ -65,8 +65,34 @@ fn prometheus_rules_check_and_their_tests_pass() {
 }
 
 #[test]
-fn systemd_unit_verifies() {
-    verify_unit(&deploy().join("systemd/apilb.service"));
+fn systemd_units_verify() {
+    let unit = deploy().join("systemd/apilb.service");
+    let socket = deploy().join("systemd/apilb.socket");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    for key in ["Type=notify", "NotifyAccess=all", "apilb.socket"] {
+        assert!(text.contains(key), "apilb.service lacks {key}");
+    }
+    // The socket unit holds exactly the listen addresses of the example config.
+    let sock_text = std::fs::read_to_string(&socket).unwrap();
+    let example =
+        apilb::config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/apilb.yaml"))
+            .unwrap();
+    let mut want: Vec<String> = example
+        .frontends
+        .iter()
+        .map(|f| f.listen.to_string())
+        .chain([example.admin.listen.to_string()])
+        .collect();
+    let mut got: Vec<String> = sock_text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ListenStream="))
+        .map(str::to_string)
+        .collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "apilb.socket ListenStream= vs config/apilb.yaml");
+    assert!(sock_text.contains("Backlog=4096"));
+    verify_unit(&unit, &[socket]);
 }
 
 #[test]
@@ -76,12 +102,13 @@ fn node_local_systemd_unit_verifies() {
     for key in ["StateDirectory=apilb", "Before=kubelet.service"] {
         assert!(text.contains(key), "apilb-node-local.service lacks {key}");
     }
-    verify_unit(&unit);
+    verify_unit(&unit, &[]);
 }
 
 /// The unit has the hardening every apilb unit needs and passes
-/// `systemd-analyze verify` without a finding.
-fn verify_unit(unit: &Path) {
+/// `systemd-analyze verify` (together with `also`, e.g. its socket unit)
+/// without a finding.
+fn verify_unit(unit: &Path, also: &[PathBuf]) {
     let Some(_) = require_tool("systemd-analyze") else {
         return;
     };
@@ -116,10 +143,14 @@ fn verify_unit(unit: &Path) {
     }
     let stand_in = tempfile::tempdir().unwrap();
     std::fs::copy("/bin/true", stand_in.path().join("apilb")).unwrap();
+    let units: Vec<String> = std::iter::once(unit)
+        .chain(also.iter().map(PathBuf::as_path))
+        .map(|u| format!("'{}'", u.display()))
+        .collect();
     let script = format!(
-        "mount --bind '{}' /usr/local/bin && systemd-analyze verify '{}'",
+        "mount --bind '{}' /usr/local/bin && systemd-analyze verify {}",
         stand_in.path().display(),
-        unit.display()
+        units.join(" ")
     );
     let out = Command::new("unshare")
         .args(["--mount", "sh", "-c", &script])

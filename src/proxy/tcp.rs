@@ -74,7 +74,10 @@ async fn connect(env: &Env, pool: &Pool) -> Result<(TcpStream, ActiveGuard), &'s
     let mut tried: Vec<usize> = Vec::with_capacity(cfg.connect_attempts as usize);
     let mut last_reason = reject::ALL_DOWN;
     while tried.len() < cfg.connect_attempts as usize {
-        if env.shutdown.is_cancelled() {
+        // A connection accepted as the drain began (or as a re-exec
+        // successor took over the socket) is served like any open one; only
+        // failing over to more servers stops once shutdown began.
+        if !tried.is_empty() && env.shutdown.is_cancelled() {
             return Err(reject::SHUTDOWN);
         }
         let Some(i) = pool.pick(&tried) else { break };

@@ -8,8 +8,9 @@ mod discovered;
 pub mod plan;
 pub mod watch;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use tracing::{error, info, warn};
 use crate::balancer::{unix_now, Backend, Pool, PoolState};
 use crate::config::{self, CheckKind, Config, ConfigError, HealthConfig, Mode, ServerConfig};
 use crate::discovery;
+use crate::handover::{Handed, Inherited};
 use crate::health::{self, Monitor};
 use crate::net::{self, Bound};
 use crate::proxy::{http, tcp, upstream::Upstream};
@@ -66,7 +68,13 @@ impl ReloadError {
 }
 
 struct ListenerTask {
+    /// `listen` as configured (port 0 stays 0): the key a successor finds
+    /// the socket by after a re-exec.
+    listen: SocketAddr,
     bound: SocketAddr,
+    /// A duplicate of the accept loop's socket, kept to hand it to a
+    /// re-exec successor; released when draining begins.
+    handover: Option<std::net::TcpListener>,
     /// The frontend name the accept loop serves; changes on a rename.
     name: Arc<ArcSwap<String>>,
     stop: CancellationToken,
@@ -82,6 +90,8 @@ struct ProbeTask {
 struct Prepared {
     listeners: HashMap<String, Bound>,
     admin: Option<Bound>,
+    /// Frontends (and `admin`) whose socket was inherited, not bound here.
+    inherited: HashSet<String>,
     /// Per http frontend: its TLS acceptor and its pool's upstream.
     http: HashMap<String, (TlsAcceptor, Arc<Upstream>)>,
 }
@@ -90,11 +100,19 @@ struct Prepared {
 pub struct AdminListener {
     pub listener: TcpListener,
     pub bound: SocketAddr,
+    /// `admin.listen` as configured.
+    pub listen: SocketAddr,
+    /// A duplicate of the socket for a re-exec successor.
+    pub handover: Option<std::net::TcpListener>,
+    /// The socket came from systemd or the previous process.
+    pub inherited: bool,
 }
 
 /// Owns listeners and probe tasks; applies configs.
 pub struct Reconciler {
     shared: Arc<Shared>,
+    /// Sockets from systemd or a re-exec predecessor, taken before binding.
+    inherited: Arc<Inherited>,
     listeners: HashMap<String, ListenerTask>,
     /// Keyed by (pool, server key).
     probes: HashMap<(String, String), ProbeTask>,
@@ -112,11 +130,17 @@ pub struct Reconciler {
 
 impl Reconciler {
     /// `updates`: where the pools' discovery tasks report (the control loop
-    /// hands what arrives to `apply_discovered`).
-    pub fn new(shared: Arc<Shared>, updates: mpsc::Sender<discovery::Update>) -> Self {
+    /// hands what arrives to `apply_discovered`); `inherited`: sockets from
+    /// systemd or a re-exec predecessor, taken before binding.
+    pub fn new(
+        shared: Arc<Shared>,
+        updates: mpsc::Sender<discovery::Update>,
+        inherited: Arc<Inherited>,
+    ) -> Self {
         Reconciler {
             discovery: discovered::Overlay::new(updates),
             shared,
+            inherited,
             listeners: HashMap::new(),
             probes: HashMap::new(),
             pool_states: HashMap::new(),
@@ -238,7 +262,7 @@ impl Reconciler {
     ) -> Result<Option<AdminListener>, ReloadError> {
         let old = self.shared.snapshot.load_full();
         let plan = plan(self.started.then_some(&*old.config), &cfg);
-        let prepared = prepare(&cfg, &plan, self.upstreams()).await?;
+        let prepared = prepare(&cfg, &plan, self.upstreams(), &self.inherited).await?;
         if self.started && old.config.workers != cfg.workers {
             warn!("workers changed; the runtime keeps its threads until the next restart");
         }
@@ -308,17 +332,44 @@ impl Reconciler {
             }
         }
 
-        self.reconcile_listeners(&next, plan, prep.listeners);
+        self.reconcile_listeners(&next, plan, prep.listeners, &prep.inherited);
         self.reconcile_probes(&next);
         self.drain_removed(removed, &drains);
         for name in next.pools.keys() {
             self.shared.pool_changed(name);
         }
         self.started = true;
+        let admin_listen = next.config.admin.listen;
         prep.admin.map(|b| AdminListener {
+            handover: handover_dup(&b.listener, "admin"),
             listener: TcpListener::from_std(b.listener).expect("inside the runtime"),
             bound: b.bound,
+            listen: admin_listen,
+            inherited: prep.inherited.contains(ADMIN_LABEL),
         })
+    }
+
+    /// Every frontend's listening socket, for a re-exec successor.
+    pub fn handed(&self) -> Vec<Handed<'_>> {
+        self.listeners
+            .iter()
+            .filter_map(|(name, t)| {
+                Some(Handed {
+                    fd: t.handover.as_ref()?.as_fd(),
+                    label: frontend_label(name),
+                    configured: t.listen,
+                })
+            })
+            .collect()
+    }
+
+    /// Drops the duplicates kept for a successor, so that once the accept
+    /// loops stop, the sockets close (unless a successor or systemd holds
+    /// them) and new connections are refused instead of queued.
+    pub fn release_listeners(&mut self) {
+        for t in self.listeners.values_mut() {
+            t.handover = None;
+        }
     }
 
     /// Drops metric series and state of what leaves; returns removed backends.
@@ -486,7 +537,13 @@ impl Reconciler {
         }
     }
 
-    fn reconcile_listeners(&mut self, snap: &Snapshot, plan: Plan, bound: HashMap<String, Bound>) {
+    fn reconcile_listeners(
+        &mut self,
+        snap: &Snapshot,
+        plan: Plan,
+        bound: HashMap<String, Bound>,
+        inherited: &HashSet<String>,
+    ) {
         for (new_name, old_name) in plan.renames {
             if let Some(task) = self.listeners.remove(&old_name) {
                 info!(from = %old_name, to = %new_name, "frontend renamed; listener kept");
@@ -498,12 +555,18 @@ impl Reconciler {
             let fe = &snap.frontends[name.as_str()];
             let stop = self.shared.shutdown.child_token();
             let name_cell = Arc::new(ArcSwap::from_pointee(name.clone()));
+            let handover = handover_dup(&b.listener, &name);
             let listener = TcpListener::from_std(b.listener).expect("inside the runtime");
             let mode = match fe.kind {
                 FrontendKind::Tcp(_) => "tcp",
                 FrontendKind::Http(_) => "http",
             };
-            info!(frontend = %name, addr = %b.bound, mode, pool = %fe.config.pool, "frontend listening");
+            let socket = if inherited.contains(&frontend_label(&name)) {
+                "inherited"
+            } else {
+                "bound"
+            };
+            info!(frontend = %name, addr = %b.bound, mode, pool = %fe.config.pool, socket, "frontend listening");
             tokio::spawn(listener::serve(
                 listener,
                 name_cell.clone(),
@@ -511,7 +574,9 @@ impl Reconciler {
                 stop.clone(),
             ));
             let task = ListenerTask {
+                listen: fe.config.listen,
                 bound: b.bound,
+                handover,
                 name: name_cell,
                 stop,
             };
@@ -613,24 +678,31 @@ async fn prepare(
     cfg: &Config,
     plan: &Plan,
     old: HashMap<String, Arc<Upstream>>,
+    inherited: &Inherited,
 ) -> Result<Prepared, ReloadError> {
     let mut listeners = HashMap::new();
+    let mut taken = HashSet::new();
+    let mut listen = |field: String, label: String, addr: SocketAddr| {
+        let (b, was_inherited) = take_or_bind(inherited, &label, addr)
+            .map_err(|error| ReloadError::Bind { field, addr, error })?;
+        if was_inherited {
+            taken.insert(label);
+        }
+        Ok::<_, ReloadError>(b)
+    };
     for (i, name, addr) in &plan.bind {
-        let b = net::bind(*addr).map_err(|error| ReloadError::Bind {
-            field: format!("frontends[{i}].listen"),
-            addr: *addr,
-            error,
-        })?;
+        let b = listen(
+            format!("frontends[{i}].listen"),
+            frontend_label(name),
+            *addr,
+        )?;
         listeners.insert(name.clone(), b);
     }
     let admin = match plan.admin_bind {
-        Some(addr) => Some(net::bind(addr).map_err(|error| ReloadError::Bind {
-            field: "admin.listen".into(),
-            addr,
-            error,
-        })?),
+        Some(addr) => Some(listen("admin.listen".into(), ADMIN_LABEL.into(), addr)?),
         None => None,
     };
+    let inherited = taken;
     let c = cfg.clone();
     let http = tokio::task::spawn_blocking(move || http_material(&c, &old))
         .await
@@ -638,8 +710,41 @@ async fn prepare(
     Ok(Prepared {
         listeners,
         admin,
+        inherited,
         http,
     })
+}
+
+/// The hand-over label of the admin socket.
+pub const ADMIN_LABEL: &str = "admin";
+
+/// The hand-over label of a frontend's socket.
+pub fn frontend_label(name: &str) -> String {
+    format!("frontend/{name}")
+}
+
+/// An inherited socket for `label`/`addr` if there is one (tuned like ours),
+/// else a freshly bound one. The flag says which.
+fn take_or_bind(
+    inherited: &Inherited,
+    label: &str,
+    addr: SocketAddr,
+) -> std::io::Result<(Bound, bool)> {
+    match inherited.take(label, addr) {
+        Some(l) => {
+            net::tune_socket(&socket2::SockRef::from(&l));
+            Ok((Bound::from_listener(l)?, true))
+        }
+        None => Ok((net::bind(addr)?, false)),
+    }
+}
+
+/// A duplicate of a listening socket to hand to a re-exec successor; without
+/// one (descriptor limit) a re-exec must bind that address itself and fails.
+fn handover_dup(l: &std::net::TcpListener, what: &str) -> Option<std::net::TcpListener> {
+    l.try_clone()
+        .map_err(|e| warn!(listener = what, error = %e, "cannot keep a copy of the socket for a re-exec"))
+        .ok()
 }
 
 /// TLS acceptors of L7 frontends and upstreams of their pools.

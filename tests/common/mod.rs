@@ -417,10 +417,16 @@ impl Daemon {
                 });
             }
         }
-        let mut child = cmd
-            .args(["--log-format", "json", "--log-level", "debug", "run", "-c"])
+        cmd.args(["--log-format", "json", "--log-level", "debug", "run", "-c"])
             .arg(config)
-            .args(extra)
+            .args(extra);
+        Self::spawn_command(cmd)
+    }
+
+    /// Spawns a prepared command (another binary path, inherited sockets)
+    /// and collects its stderr lines.
+    pub fn spawn_command(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
