@@ -164,9 +164,15 @@ fn run(path: &Path, watch_config: bool) -> anyhow::Result<ExitCode> {
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
         info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "apilb starting");
-        let handle = apilb::start_with(cfg, apilb::Options { watch_config })
-            .await
-            .context("cannot start")?;
+        let handle = apilb::start_with(
+            cfg,
+            apilb::Options {
+                watch_config,
+                ..Default::default()
+            },
+        )
+        .await
+        .context("cannot start")?;
         let reloader = handle.reloader();
         let shared = handle.shared().clone();
         let signals = tokio::spawn(async move {

@@ -16,8 +16,10 @@ use tracing::{info, warn};
 use crate::admin;
 use crate::config::Config;
 use crate::discovery;
+use crate::reload::VipChange;
 use crate::reload::{self, AdminListener, Reconciler, ReloadError};
 use crate::snapshot::Shared;
+use crate::vip::{self, LeaseId, VipHandle, VipMetrics};
 
 pub(crate) enum Command {
     /// Re-read the config file; `force` applies it even if unchanged (SIGHUP).
@@ -29,6 +31,10 @@ pub(crate) enum Command {
     Apply {
         config: Box<Config>,
         reply: oneshot::Sender<Result<(), ReloadError>>,
+    },
+    /// Re-exec: stop the VIP election, keeping address and lease for the successor.
+    HandOverVip {
+        reply: oneshot::Sender<Option<LeaseId>>,
     },
 }
 
@@ -87,6 +93,17 @@ impl Handle {
             .map_err(|_| ReloadError::Stopped)
     }
 
+    /// For a re-exec (SIGUSR2): stops the VIP election without removing the
+    /// address or revoking the lease, and returns the lease when this node held
+    /// the VIP. Pass it to the successor as `Options::vip_inherit_lease`; it must
+    /// renew it within `renew_deadline`, or the address is dropped by nobody
+    /// until the successor's start removes it. Call before `shutdown`.
+    pub async fn hand_over_vip(&self) -> Option<LeaseId> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::HandOverVip { reply: tx }).await.ok()?;
+        rx.await.ok().flatten()
+    }
+
     /// A sender other tasks (the SIGHUP listener) can use to ask for a reload.
     pub fn reloader(&self) -> Reloader {
         Reloader(self.control.clone())
@@ -125,11 +142,18 @@ pub struct Options {
     /// Watch the config file and reload when its content changes. When off,
     /// only SIGHUP (or `Handle::reload`) reloads.
     pub watch_config: bool,
+    /// The VIP lease handed over by the process this one replaced (re-exec,
+    /// `Handle::hand_over_vip`): if it still holds the election key it is kept
+    /// renewing, with the address left in place.
+    pub vip_inherit_lease: Option<LeaseId>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { watch_config: true }
+        Options {
+            watch_config: true,
+            vip_inherit_lease: None,
+        }
     }
 }
 
@@ -149,6 +173,11 @@ pub async fn start_with(config: Config, options: Options) -> Result<Handle, Relo
     let admin_listener = reconciler.apply(config, None).await?;
     let mut admin = AdminTask::default();
     admin.replace(&shared, admin_listener);
+    let mut vip = VipTask {
+        inherit: options.vip_inherit_lease,
+        ..VipTask::default()
+    };
+    vip.apply(&shared, reconciler.take_vip_change()).await;
     let (tx, rx) = mpsc::channel(16);
     let (changed_tx, changed_rx) = mpsc::channel(1);
     if let Some(path) = source.as_ref().filter(|_| options.watch_config) {
@@ -158,6 +187,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Handle, Relo
         shared: shared.clone(),
         reconciler,
         admin,
+        vip,
         source,
     };
     let task = tokio::spawn(ctl.run(rx, changed_rx, discovered_rx));
@@ -194,10 +224,65 @@ impl AdminTask {
     }
 }
 
+/// The VIP election (`vip` section), owned here because changing it awaits the
+/// old election's release.
+#[derive(Default)]
+struct VipTask {
+    handle: Option<VipHandle>,
+    /// Registered with the first election, kept across reloads.
+    metrics: Option<VipMetrics>,
+    /// The predecessor's lease (first election only).
+    inherit: Option<LeaseId>,
+}
+
+impl VipTask {
+    /// Carries out a committed `vip` change: the running election releases
+    /// (address removed, lease revoked), then the new one, if any, starts.
+    async fn apply(&mut self, shared: &Shared, change: Option<VipChange>) {
+        let Some(next) = change else { return };
+        if let Some(old) = self.handle.take() {
+            let addr = old.config().address;
+            info!(vip = %old.config().cidr(), "vip settings changed: releasing the VIP before campaigning with the new settings");
+            old.release().await;
+            if let Some(m) = &self.metrics {
+                m.forget(addr);
+            }
+        }
+        shared.vip.store(None);
+        let Some(next) = next else { return };
+        let metrics = self
+            .metrics
+            .get_or_insert_with(|| {
+                VipMetrics::register(&shared.metrics.registry).expect("vip metrics register once")
+            })
+            .clone();
+        let options = vip::Options {
+            inherit_lease: self.inherit.take(),
+        };
+        let handle = next.start(
+            metrics,
+            shared.ready.subscribe(),
+            shared.shutdown.clone(),
+            options,
+        );
+        shared.vip.store(Some(Arc::new(handle.watch_status())));
+        self.handle = Some(handle);
+    }
+
+    /// Shutdown: the address goes first, so another node takes new connections
+    /// (within `retry_period`) while this one drains.
+    async fn release(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.release().await;
+        }
+    }
+}
+
 struct Control {
     shared: Arc<Shared>,
     reconciler: Reconciler,
     admin: AdminTask,
+    vip: VipTask,
     source: Option<PathBuf>,
 }
 
@@ -233,11 +318,22 @@ impl Control {
                     Some(Command::Apply { config, reply }) => {
                         let r = self.reconciler.apply(*config, None).await;
                         self.reconciler.record_result(r.as_ref().map(|_| ()));
-                        let _ = reply.send(r.map(|a| self.admin.replace(&self.shared, a)));
+                        let r = r.map(|a| self.admin.replace(&self.shared, a));
+                        self.vip.apply(&self.shared, self.reconciler.take_vip_change()).await;
+                        let _ = reply.send(r);
+                    }
+                    Some(Command::HandOverVip { reply }) => {
+                        let lease = match self.vip.handle.take() {
+                            Some(h) => h.hand_over().await,
+                            None => None,
+                        };
+                        let _ = reply.send(lease);
                     }
                 },
             }
         }
+        self.shared.draining.store(true, Relaxed);
+        self.vip.release().await;
         drain(&self.shared).await;
         self.admin.stop();
         info!("stopped");
@@ -247,8 +343,11 @@ impl Control {
         let a = self
             .reconciler
             .reload_file(self.source.as_deref(), force)
-            .await?;
-        self.admin.replace(&self.shared, a);
+            .await;
+        self.vip
+            .apply(&self.shared, self.reconciler.take_vip_change())
+            .await;
+        self.admin.replace(&self.shared, a?);
         Ok(())
     }
 }

@@ -177,17 +177,23 @@ impl VipHandle {
     }
 }
 
-/// Starts the election task for `cfg`. `ready` says whether this node can serve (some
-/// pool has an up backend); with `require_ready` the node only campaigns and holds while
-/// it is true. `stop` ends the task like `release`. Fails at once when the interface does
-/// not exist or the etcd TLS files cannot be read.
-pub fn spawn(
+/// An election ready to start: the checks that can fail are done (capabilities,
+/// interface, etcd TLS files), so a reload can refuse before it changes anything.
+pub struct Prepared {
     cfg: VipConfig,
-    metrics: VipMetrics,
-    ready: watch::Receiver<bool>,
-    stop: CancellationToken,
-    options: Options,
-) -> Result<VipHandle, VipError> {
+    store: etcd::Client,
+    address: election::NetAddress,
+}
+
+impl Prepared {
+    pub fn config(&self) -> &VipConfig {
+        &self.cfg
+    }
+}
+
+/// Checks what starting an election for `cfg` needs, without starting it.
+pub fn prepare(cfg: VipConfig) -> Result<Prepared, VipError> {
+    netlink::check_capabilities()?;
     let ifindex = netlink::ifindex(&cfg.interface)?;
     let store = etcd::Client::new(&cfg.etcd, rpc_timeout(&cfg))?;
     let address = election::NetAddress {
@@ -196,33 +202,64 @@ pub fn spawn(
         addr: cfg.address,
         prefix: cfg.prefix_len,
     };
-    let (status_tx, status) = watch::channel(VipStatus {
-        address: cfg.cidr(),
-        interface: cfg.interface.clone(),
-        leader: false,
-        holder: None,
-        since: SystemTime::now(),
-    });
-    let quit = stop.child_token();
-    let hand_over = Arc::new(AtomicBool::new(false));
-    let e = election::Election {
-        cfg: cfg.clone(),
+    Ok(Prepared {
+        cfg,
         store,
         address,
-        metrics,
-        status: status_tx,
-        ready,
-        quit: quit.clone(),
-        hand_over: hand_over.clone(),
-    };
-    let task = tokio::spawn(e.run(options.inherit_lease));
-    Ok(VipHandle {
-        config: cfg,
-        status,
-        quit,
-        hand_over,
-        task,
     })
+}
+
+/// `prepare` then `start`.
+pub fn spawn(
+    cfg: VipConfig,
+    metrics: VipMetrics,
+    ready: watch::Receiver<bool>,
+    stop: CancellationToken,
+    options: Options,
+) -> Result<VipHandle, VipError> {
+    Ok(prepare(cfg)?.start(metrics, ready, stop, options))
+}
+
+impl Prepared {
+    /// Starts the election task. `ready` says whether this node can serve (some pool has
+    /// an up backend); with `require_ready` the node only campaigns and holds while it
+    /// is true. `stop` ends the task like `VipHandle::release`.
+    pub fn start(
+        self,
+        metrics: VipMetrics,
+        ready: watch::Receiver<bool>,
+        stop: CancellationToken,
+        options: Options,
+    ) -> VipHandle {
+        let cfg = self.cfg;
+        let (status_tx, status) = watch::channel(VipStatus {
+            address: cfg.cidr(),
+            interface: cfg.interface.clone(),
+            leader: false,
+            holder: None,
+            since: SystemTime::now(),
+        });
+        let quit = stop.child_token();
+        let hand_over = Arc::new(AtomicBool::new(false));
+        let e = election::Election {
+            cfg: cfg.clone(),
+            store: self.store,
+            address: self.address,
+            metrics,
+            status: status_tx,
+            ready,
+            quit: quit.clone(),
+            hand_over: hand_over.clone(),
+        };
+        let task = tokio::spawn(e.run(options.inherit_lease));
+        VipHandle {
+            config: cfg,
+            status,
+            quit,
+            hand_over,
+            task,
+        }
+    }
 }
 
 /// Time allowed for one etcd call: a retry period, at least one second.
