@@ -201,12 +201,37 @@ impl Client {
         self.endpoints[self.current].to_string()
     }
 
+    /// The open connection, or a new one to the first endpoint (from the current one
+    /// on) that accepts within half the call timeout.
     async fn connect(&mut self) -> Result<http2::SendRequest<ReqBody>, EtcdError> {
         if let Some(c) = &self.conn {
             if !c.is_closed() {
                 return Ok(c.clone());
             }
         }
+        let mut last = None;
+        for _ in 0..self.endpoints.len() {
+            let limit = self.timeout / 2;
+            let ep = self.endpoint();
+            match tokio::time::timeout(limit, self.connect_current()).await {
+                Ok(Ok(send)) => {
+                    self.conn = Some(send.clone());
+                    return Ok(send);
+                }
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(EtcdError::Connect {
+                        endpoint: ep,
+                        source: std::io::ErrorKind::TimedOut.into(),
+                    })
+                }
+            }
+            self.current = (self.current + 1) % self.endpoints.len();
+        }
+        Err(last.expect("at least one endpoint"))
+    }
+
+    async fn connect_current(&mut self) -> Result<http2::SendRequest<ReqBody>, EtcdError> {
         let ep = self.endpoints[self.current].clone();
         let err = |source| EtcdError::Connect {
             endpoint: ep.to_string(),
@@ -240,13 +265,15 @@ impl Client {
                 tracing::debug!(etcd.endpoint = %ep, error = %e, "etcd connection ended");
             }
         });
-        self.conn = Some(send.clone());
         Ok(send)
     }
 
-    /// Forgets the connection and moves to the next endpoint after a failure.
+    /// Forgets the connection and moves to the next endpoint after a failure (a failed
+    /// connect has moved on already).
     fn fail_over(&mut self, e: &EtcdError) {
-        if e.abandons_connection() {
+        if matches!(e, EtcdError::Connect { .. }) {
+            self.conn = None;
+        } else if e.abandons_connection() {
             self.conn = None;
             self.current = (self.current + 1) % self.endpoints.len();
         }
