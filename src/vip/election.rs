@@ -129,6 +129,12 @@ async fn until(ready: &mut watch::Receiver<bool>, want: bool) {
 impl<S: Store, A: Address> Election<S, A> {
     /// Runs until `quit`; returns the lease when it was handed over while holding.
     pub async fn run(mut self, inherit: Option<LeaseId>) -> Option<LeaseId> {
+        // Every series exists from the start: 0 on the nodes that do not hold.
+        let ip = self.cfg.address.to_string();
+        self.metrics.leader.with_label_values(&[&ip]).set(0);
+        for event in ["acquired", "released", "lost"] {
+            self.metrics.transitions.with_label_values(&[&ip, event]);
+        }
         let mut held = match inherit {
             Some(lease) => self.resume(lease).await,
             None => None,
