@@ -246,6 +246,10 @@ impl Lab {
 
     /// The config of node `i` (identity node-i, address 10.213.ID.(11+i)).
     fn node_config(&self, i: usize) -> PathBuf {
+        self.node_config_with(i, self.vip(), "eth0")
+    }
+
+    fn node_config_with(&self, i: usize, vip: Ipv4Addr, interface: &str) -> PathBuf {
         let endpoints: Vec<String> = (0..self.etcd.len())
             .map(|m| format!("\"{}\"", self.etcd_url(m)))
             .collect();
@@ -268,7 +272,7 @@ pools:
       fall: 1
 vip:
   address: {vip}/24
-  interface: eth0
+  interface: {interface}
   identity: node-{i}
   lease_duration: 3s
   renew_deadline: 2s
@@ -278,7 +282,6 @@ vip:
     endpoints: [{endpoints}]
 "#,
             backend = self.backend_addrs[i],
-            vip = self.vip(),
             endpoints = endpoints.join(", "),
         );
         let path = self.dir.path().join(format!("node-{i}.yaml"));
@@ -316,7 +319,11 @@ vip:
 
     /// Which node namespaces have the VIP on eth0 right now (the kernel's view).
     fn holders(&self) -> Vec<usize> {
-        let vip = format!("inet {}/", self.vip());
+        self.holders_of(self.vip())
+    }
+
+    fn holders_of(&self, addr: Ipv4Addr) -> Vec<usize> {
+        let vip = format!("inet {addr}/");
         (0..self.nodes.len())
             .filter(|i| {
                 let ns = format!("av{}-n{i}", self.id);
@@ -526,6 +533,42 @@ async fn one_holder_survives_sigkill_and_the_restarted_node_stays_out() {
 }
 
 impl Lab {
+    /// `etcdctl endpoint status` of member `m`: (its member id, the leader's id).
+    fn etcd_status(&self, m: usize) -> (u64, u64) {
+        let out = sh(&[
+            "etcdctl",
+            "--endpoints",
+            &self.etcd_url(m),
+            "endpoint",
+            "status",
+            "-w",
+            "json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let st = &v[0]["Status"];
+        (
+            st["header"]["member_id"].as_u64().unwrap(),
+            st["leader"].as_u64().unwrap(),
+        )
+    }
+
+    /// Moves etcd's leadership away from member `m` if it has it.
+    fn etcd_leader_not(&self, m: usize) {
+        let (id, leader) = self.etcd_status(m);
+        if id == leader {
+            let (other, _) = self.etcd_status((m + 1) % self.etcd.len());
+            sh(&[
+                "etcdctl",
+                "--endpoints",
+                &self.etcd_url(m),
+                "move-leader",
+                &format!("{other:x}"),
+            ]);
+        }
+        let (id, leader) = self.etcd_status(m);
+        assert_ne!(id, leader, "etcd member {m} is still the leader");
+    }
+
     /// Like `until_holders`, but node `dead` (SIGKILLed, address left behind) is not
     /// counted: waits until another node holds, never two live holders.
     async fn until_holders_ignoring(&self, dead: usize, what: &str, limit: Duration) -> Duration {
@@ -624,6 +667,84 @@ async fn require_ready_moves_the_vip_to_a_node_with_up_backends() {
             .count("released the VIP: no pool has an up backend")
             == 1
     );
+}
+
+#[tokio::test]
+async fn reload_applies_a_new_address_and_refuses_a_missing_interface() {
+    if !lab_possible() {
+        return;
+    }
+    let _serial = LAB_LOCK.lock().await;
+    let lab = lab(1).await;
+    lab.until_holders("first holder", Duration::from_secs(10), |h| h.len() == 1)
+        .await;
+    let first = lab.holders()[0];
+
+    // A vip section naming an interface this node lacks: refused, nothing changes.
+    lab.node_config_with(first, lab.vip(), "nosuch0");
+    lab.node(first).signal(libc::SIGHUP);
+    wait_for("the reload is refused", Duration::from_secs(5), || async {
+        (lab.node(first).count("config reload refused") > 0).then_some(())
+    })
+    .await;
+    assert!(lab.node(first).logs().contains("nosuch0"));
+    assert_eq!(lab.holders(), vec![first], "a refused reload keeps the VIP");
+
+    // A new address: the node releases the old VIP (another node takes it) and
+    // campaigns for the new one under its own key.
+    let other_vip = lab.ip(101);
+    lab.node_config_with(first, other_vip, "eth0");
+    lab.node(first).signal(libc::SIGHUP);
+    let took = lab
+        .until_holders(
+            "the old VIP moves on",
+            RETRY + Duration::from_secs(2),
+            |h| h.len() == 1 && h[0] != first,
+        )
+        .await;
+    wait_for("the new VIP is held", Duration::from_secs(3), || async {
+        (lab.holders_of(other_vip) == [first]).then_some(())
+    })
+    .await;
+    eprintln!("reload with a new address: the old VIP moved after {took:?}");
+}
+
+/// Three etcd members; the one every client starts with dies: the holder keeps
+/// renewing through the others and keeps the VIP; a later SIGKILL still fails over.
+#[tokio::test]
+async fn three_etcd_members_one_killed() {
+    if !lab_possible() {
+        return;
+    }
+    let _serial = LAB_LOCK.lock().await;
+    let mut lab = lab(3).await;
+    lab.until_holders("first holder", Duration::from_secs(10), |h| h.len() == 1)
+        .await;
+    let first = lab.holders()[0];
+    // Member 0 (every node's first endpoint) must not be the raft leader: a leader
+    // election takes etcd about as long as this test's 2 s renew deadline.
+    lab.etcd_leader_not(0);
+    lab.etcd[0].signal(libc::SIGKILL);
+    let until = Instant::now() + LEASE + RENEW;
+    while Instant::now() < until {
+        assert_eq!(
+            lab.holders(),
+            vec![first],
+            "the holder keeps the VIP with 2 of 3 members\n{}",
+            lab.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(lab.node(first).count("lost the VIP"), 0);
+    lab.nodes[first] = None; // SIGKILL (the address stays behind)
+    let took = lab
+        .until_holders_ignoring(
+            first,
+            "takeover with 2 of 3 members",
+            LEASE + Duration::from_secs(1),
+        )
+        .await;
+    eprintln!("with one etcd member dead, SIGKILL of the holder: takeover after {took:?}");
 }
 
 #[tokio::test]
