@@ -115,12 +115,18 @@ struct Lab {
     etcd: Vec<Proc>,
     nodes: Vec<Option<Proc>>,
     /// Per node: the backend its pool probes (a listener in this process).
-    backends: Vec<Option<std::net::TcpListener>>,
+    /// Accept loops (they take and drop connections); aborting one closes its port.
+    backends: Vec<tokio::task::JoinHandle<()>>,
     backend_addrs: Vec<SocketAddr>,
+    /// lease_duration, renew_deadline, retry_period as written in the configs.
+    timing: [&'static str; 3],
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        for b in &self.backends {
+            b.abort();
+        }
         self.nodes.clear();
         self.etcd.clear();
         for ns in &self.namespaces {
@@ -150,6 +156,7 @@ impl Lab {
             nodes: Vec::new(),
             backends: Vec::new(),
             backend_addrs: Vec::new(),
+            timing: ["3s", "2s", "500ms"],
         };
         let gw = format!("10.213.{id}.1/24");
         sh(&["ip", "addr", "add", &gw, "dev", &bridge]);
@@ -274,14 +281,17 @@ vip:
   address: {vip}/24
   interface: {interface}
   identity: node-{i}
-  lease_duration: 3s
-  renew_deadline: 2s
-  retry_period: 500ms
+  lease_duration: {lease}
+  renew_deadline: {renew}
+  retry_period: {retry}
   require_ready: true
   etcd:
     endpoints: [{endpoints}]
 "#,
             backend = self.backend_addrs[i],
+            lease = self.timing[0],
+            renew = self.timing[1],
+            retry = self.timing[2],
             endpoints = endpoints.join(", "),
         );
         let path = self.dir.path().join(format!("node-{i}.yaml"));
@@ -293,8 +303,14 @@ vip:
     fn start_nodes(&mut self, n: usize) {
         for i in 0..n {
             let l = std::net::TcpListener::bind((self.ip(1), 0)).unwrap();
+            l.set_nonblocking(true).unwrap();
             self.backend_addrs.push(l.local_addr().unwrap());
-            self.backends.push(Some(l));
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            self.backends.push(tokio::spawn(async move {
+                while let Ok((s, _)) = l.accept().await {
+                    drop(s);
+                }
+            }));
             self.namespace(&format!("n{i}"), 11 + i as u8);
             self.nodes.push(None);
             self.start_node(i);
@@ -445,7 +461,12 @@ fn tail(s: &str) -> String {
 
 /// One etcd member, three nodes and a client.
 async fn lab(etcd_members: usize) -> Lab {
+    lab_timed(etcd_members, ["3s", "2s", "500ms"]).await
+}
+
+async fn lab_timed(etcd_members: usize, timing: [&'static str; 3]) -> Lab {
     let mut lab = Lab::new();
+    lab.timing = timing;
     lab.namespace("client", 50);
     lab.start_etcd(etcd_members).await;
     lab.start_nodes(3);
@@ -652,7 +673,7 @@ async fn require_ready_moves_the_vip_to_a_node_with_up_backends() {
         .await;
     let first = lab.holders()[0];
     // Its only backend stops accepting: the tcp probe fails, the pool is down.
-    lab.backends[first] = None;
+    lab.backends[first].abort();
     let took = lab
         .until_holders("resignation", Duration::from_secs(5), |h| {
             h.len() == 1 && h[0] != first
@@ -745,6 +766,82 @@ async fn three_etcd_members_one_killed() {
         )
         .await;
     eprintln!("with one etcd member dead, SIGKILL of the holder: takeover after {took:?}");
+}
+
+/// Failover times for the docs (docs/vip.md), for the default durations and for
+/// 5s/3s/1s: `cargo test --test vip -- --ignored --nocapture measure_failover`.
+#[tokio::test]
+#[ignore = "measurement for docs/vip.md; about two minutes"]
+async fn measure_failover() {
+    if !lab_possible() {
+        return;
+    }
+    let _serial = LAB_LOCK.lock().await;
+    for timing in [
+        ["15s", "10s", "2s"],
+        ["5s", "3s", "1s"],
+        ["3s", "2s", "500ms"],
+    ] {
+        let lease = humantime::parse_duration(timing[0]).unwrap();
+        let limit = lease * 2 + Duration::from_secs(5);
+        let mut lab = lab_timed(1, timing).await;
+        lab.until_holders("first holder", limit, |h| h.len() == 1)
+            .await;
+        let a = lab.holders()[0];
+        lab.nodes[a] = None; // SIGKILL
+        let kill = lab
+            .until_holders_ignoring(a, "takeover after SIGKILL", limit)
+            .await;
+        let t = Instant::now();
+        let b = lab.holders_except(a)[0];
+        wait_for(
+            "client reaches the new holder",
+            Duration::from_secs(5),
+            || async {
+                lab.reached_through_vip()
+                    .filter(|h| *h == format!("node-{b}"))
+            },
+        )
+        .await;
+        let client = t.elapsed();
+        lab.start_node(a);
+        wait_for("stale address removed", limit, || async {
+            (!lab.holders().contains(&a)).then_some(())
+        })
+        .await;
+        lab.node(b).signal(libc::SIGTERM);
+        let term = lab
+            .until_holders("hand-over after SIGTERM", limit, |h| {
+                h.len() == 1 && h[0] != b
+            })
+            .await;
+        let c = lab.holders()[0];
+        lab.start_node(b);
+        let ns = format!("av{}-n{c}", lab.id);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "blackhole",
+            &format!("{}/32", lab.ip(2)),
+        ]);
+        let drop = lab
+            .until_holders("cut-off holder drops", limit, |h| h.is_empty())
+            .await;
+        let again = lab
+            .until_holders("takeover after the drop", limit, |h| h.len() == 1)
+            .await;
+        eprintln!(
+            "MEASURED lease {} renew {} retry {}: SIGKILL takeover {kill:.2?} (+client {client:.2?}), \
+             SIGTERM hand-over {term:.2?}, cut-off holder drops after {drop:.2?}, next holder {:.2?} later",
+            timing[0], timing[1], timing[2], again
+        );
+        if std::env::var_os("APILB_VIP_LOGS").is_some() {
+            eprintln!("{}", lab.all_logs());
+        }
+    }
 }
 
 #[tokio::test]

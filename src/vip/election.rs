@@ -253,9 +253,16 @@ impl<S: Store, A: Address> Election<S, A> {
         if let Some((holder, _)) = state.holder {
             self.set_status(false, Some(holder));
             // Bounded, so a watch on a silently dead connection is re-armed.
+            debug!(vip = %self.cfg.cidr(), holder = ?self.status.borrow().holder, revision = state.revision, "watching the election key");
             let watch = self.store.wait_deleted(&key, state.revision + 1);
-            if let Ok(result) = timeout(self.cfg.lease_duration, watch).await {
-                result?;
+            match timeout(self.cfg.lease_duration, watch).await {
+                Ok(result) => {
+                    result?;
+                    debug!(vip = %self.cfg.cidr(), "the election key was deleted");
+                }
+                Err(_) => {
+                    debug!(vip = %self.cfg.cidr(), "no change to the election key; reading it again")
+                }
             }
             return Ok(None);
         }
