@@ -668,7 +668,7 @@ async fn require_ready_moves_the_vip_to_a_node_with_up_backends() {
         return;
     }
     let _serial = LAB_LOCK.lock().await;
-    let mut lab = lab(1).await;
+    let lab = lab(1).await;
     lab.until_holders("first holder", Duration::from_secs(10), |h| h.len() == 1)
         .await;
     let first = lab.holders()[0];
