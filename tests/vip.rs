@@ -1045,3 +1045,150 @@ fn check_validates_the_vip_section() {
         "{e:?}"
     );
 }
+
+/// An etcd started by a test on loopback; killed on drop.
+struct LocalEtcd(Child);
+
+impl Drop for LocalEtcd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The least-privilege setup docs/vip.md recommends, tested: etcd with TLS, client
+/// certificates and auth on; apilb's certificate (CN apilb-vip) maps to a user whose
+/// only role grants the election key prefix.
+#[tokio::test]
+async fn etcd_client_over_tls_with_a_role_limited_to_the_prefix() {
+    let (Some(etcd), Some(ctl)) = (require_tool("etcd"), require_tool("etcdctl")) else {
+        return;
+    };
+    let pki = Pki::new();
+    let dir = pki.dir.path().to_path_buf();
+    pki.ca
+        .client("root", None)
+        .unwrap()
+        .write(&dir, "root")
+        .unwrap();
+    let (crt, key) = pki
+        .ca
+        .client("apilb-vip", None)
+        .unwrap()
+        .write(&dir, "apilb")
+        .unwrap();
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let client_url = format!("https://127.0.0.1:{}", ports[0]);
+    let peer_url = format!("http://127.0.0.1:{}", ports[1]);
+    let path = |f: &str| dir.join(f).display().to_string();
+    let _etcd = LocalEtcd(
+        Command::new(etcd)
+            .args(["--data-dir", &path("data")])
+            .args([
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args(["--initial-cluster", &format!("default={peer_url}")])
+            .args([
+                "--cert-file",
+                &path("server.crt"),
+                "--key-file",
+                &path("server.key"),
+            ])
+            .args(["--trusted-ca-file", &path("ca.crt"), "--client-cert-auth"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let root = |args: &[&str]| -> std::process::Output {
+        Command::new(&ctl)
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={client_url}"))
+            .arg(format!("--cacert={}", path("ca.crt")))
+            .arg(format!("--cert={}", path("root.crt")))
+            .arg(format!("--key={}", path("root.key")))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    while !root(&["endpoint", "health"]).status.success() {
+        assert!(Instant::now() < end, "etcd did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The example of docs/vip.md, step by step.
+    for args in [
+        &[
+            "user",
+            "add",
+            "root",
+            "--new-user-password=unused-with-certs",
+        ][..],
+        &["role", "add", "apilb-vip"],
+        &[
+            "role",
+            "grant-permission",
+            "apilb-vip",
+            "--prefix=true",
+            "readwrite",
+            "/apilb/vip/",
+        ],
+        &["user", "add", "apilb-vip", "--no-password"],
+        &["user", "grant-role", "apilb-vip", "apilb-vip"],
+        &["put", "/registry/secrets/kube-system/token", "secret"],
+        &["auth", "enable"],
+    ] {
+        let out = root(args);
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let cfg = VipEtcd {
+        endpoints: vec![EtcdEndpoint {
+            tls: true,
+            host: "127.0.0.1".into(),
+            port: ports[0],
+        }],
+        ca_file: Some(pki.ca_file.clone()),
+        cert_file: Some(crt),
+        key_file: Some(key),
+        key: String::new(),
+    };
+    let mut c = Client::new(&cfg, Duration::from_secs(2)).unwrap();
+    let key = "/apilb/vip/10.0.0.100";
+    let (lease, _) = c.grant(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(c.campaign(key, "cp-1", lease).await.unwrap(), Campaign::Won);
+    assert!(c.keepalive(lease).await.unwrap() > 0);
+    assert_eq!(
+        c.get(key).await.unwrap().holder,
+        Some(("cp-1".to_string(), lease))
+    );
+    // Outside the prefix: refused by etcd, with the status it sends.
+    let err = c
+        .get("/registry/secrets/kube-system/token")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    c.revoke(lease).await.unwrap();
+    assert_eq!(c.get(key).await.unwrap().holder, None);
+}
