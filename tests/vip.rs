@@ -766,6 +766,36 @@ async fn three_etcd_members_one_killed() {
         )
         .await;
     eprintln!("with one etcd member dead, SIGKILL of the holder: takeover after {took:?}");
+    // What systemd's ExecStopPost runs after a crash: the stale address goes.
+    assert!(
+        lab.holders().contains(&first),
+        "the killed node's address stays behind"
+    );
+    let ns = format!("av{}-n{first}", lab.id);
+    let cfg = lab.node_config(first).display().to_string();
+    let out = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns,
+        apilb_bin(),
+        "vip-down",
+        "-c",
+        &cfg,
+    ]);
+    assert!(out.contains("removed from eth0"), "{out}");
+    assert!(!lab.holders().contains(&first));
+    let out = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns,
+        apilb_bin(),
+        "vip-down",
+        "-c",
+        &cfg,
+    ]);
+    assert!(out.contains("was not on eth0"), "{out}");
 }
 
 /// Failover times for the docs (docs/vip.md), for the default durations and for

@@ -262,6 +262,13 @@ impl Prepared {
     }
 }
 
+/// Removes the configured VIP from its interface if it is there (`apilb vip-down`,
+/// run by systemd after the process ended). Returns whether it was there.
+pub fn remove_address(cfg: &VipConfig) -> Result<bool, VipError> {
+    let ifindex = netlink::ifindex(&cfg.interface)?;
+    netlink::remove_address(ifindex, cfg.address, cfg.prefix_len)
+}
+
 /// Time allowed for one etcd call: a retry period, at least one second.
 fn rpc_timeout(cfg: &VipConfig) -> std::time::Duration {
     cfg.retry_period.max(std::time::Duration::from_secs(1))
