@@ -1222,3 +1222,35 @@ async fn etcd_client_over_tls_with_a_role_limited_to_the_prefix() {
     c.revoke(lease).await.unwrap();
     assert_eq!(c.get(key).await.unwrap().holder, None);
 }
+
+/// deploy/ carries what a `vip` section needs (tests/deploy.rs verifies the files
+/// with systemd-analyze and kubectl).
+#[test]
+fn deploy_files_grant_the_vip_capabilities() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("deploy/systemd/apilb.service")).unwrap();
+    for line in [
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
+        "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW",
+        "ExecStopPost=-/usr/local/bin/apilb vip-down -c /etc/apilb/apilb.yaml",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK AF_PACKET",
+    ] {
+        assert!(
+            unit.lines().any(|l| l == line),
+            "apilb.service lacks {line}"
+        );
+    }
+    let pod =
+        std::fs::read_to_string(root.join("deploy/kubernetes/apilb-static-pod.yaml")).unwrap();
+    let v: serde_yaml::Value = serde_yaml::from_str(&pod).unwrap();
+    assert_eq!(v["spec"]["hostNetwork"], true);
+    let caps = &v["spec"]["containers"][0]["securityContext"]["capabilities"];
+    assert_eq!(caps["drop"][0], "ALL");
+    let add: Vec<&str> = caps["add"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    assert_eq!(add, ["NET_ADMIN", "NET_RAW"]);
+}
