@@ -81,6 +81,7 @@ async fn start_unwatched(path: &Path) -> apilb::Handle {
     let cfg = apilb::config::load(path).unwrap_or_else(|e| panic!("{e}"));
     let opts = apilb::Options {
         watch_config: false,
+        ..Default::default()
     };
     apilb::start_with(cfg, opts).await.unwrap()
 }
