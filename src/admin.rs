@@ -194,5 +194,6 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         },
         "frontends": frontends,
         "pools": pools,
+        "vip": shared.vip.load().as_ref().map(|v| v.borrow().to_json()),
     })
 }

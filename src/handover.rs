@@ -42,6 +42,8 @@ pub const ENV_LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 pub const ENV_FDS: &str = "APILB_HANDOVER_FDS";
 pub const ENV_READY_FD: &str = "APILB_HANDOVER_READY_FD";
 pub const ENV_GENERATION: &str = "APILB_GENERATION";
+/// The VIP election lease the predecessor stopped renewing for us to go on.
+pub const ENV_VIP_LEASE: &str = "APILB_VIP_LEASE";
 /// How long the old process waits for its successor to report ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// At most this many `ERROR` lines of a failed successor are kept.
@@ -551,12 +553,31 @@ impl Drop for KillUnlessReady {
     }
 }
 
+/// Reads and unsets the VIP lease a predecessor handed over, if any.
+pub fn take_vip_lease() -> Option<i64> {
+    let v = std::env::var(ENV_VIP_LEASE).ok()?;
+    // SAFETY: called once at start, before the runtime starts other threads.
+    unsafe { std::env::remove_var(ENV_VIP_LEASE) };
+    v.parse().ok()
+}
+
 /// Starts the binary recorded at start with the same arguments, hands it
 /// `sockets`, and waits up to `timeout` until it reports ready. Returns its
 /// pid; on any failure the child is gone and the caller keeps serving.
 pub async fn spawn_successor(
     process: &Process,
     sockets: &[Handed<'_>],
+    timeout: Duration,
+) -> Result<u32, HandoverError> {
+    spawn_successor_with(process, sockets, &[], timeout).await
+}
+
+/// `spawn_successor` with extra environment variables for the successor
+/// (the VIP lease it takes over).
+pub async fn spawn_successor_with(
+    process: &Process,
+    sockets: &[Handed<'_>],
+    env: &[(&str, String)],
     timeout: Duration,
 ) -> Result<u32, HandoverError> {
     let exe = process.exe.clone().map_err(HandoverError::NoExe)?;
@@ -573,6 +594,7 @@ pub async fn spawn_successor(
         .env_remove(ENV_LISTEN_PID)
         .env_remove(ENV_LISTEN_FDS)
         .env_remove(ENV_LISTEN_FDNAMES)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null());
     // SAFETY: the closure runs between fork and exec; it only calls fcntl on
     // descriptors that `sockets` and `write` keep open during this call.

@@ -14,7 +14,8 @@
 //! 3. [`proxy`]: services handed an accepted socket: `tcp` (L4 relay through
 //!    `pump`), `http` (L7 over `upstream` pools, `h1guard`); beside it
 //!    [`discovery`]: pool members from EndpointSlices, reported upward on a
-//!    channel (issue 13).
+//!    channel (issue 13), and [`vip`]: VIP ownership through etcd leader
+//!    election, netlink and gratuitous ARP, reporting through watch channels.
 //! 4. [`snapshot`]: the published `Snapshot`, `Frontend`/`FrontendKind`, and
 //!    `Shared`, the process-wide state.
 //! 5. [`listener`]: accept loops, `max_connections`, dispatch by kind.
@@ -41,6 +42,7 @@ pub mod reload;
 pub mod runtime;
 pub mod snapshot;
 pub mod tls;
+pub mod vip;
 
 pub use runtime::{start, start_with, Handle, Options};
 

@@ -57,6 +57,13 @@ enum Command {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Remove the VIP of the config's `vip` section from its interface if it is
+    /// there (systemd's ExecStopPost, so a crash does not leave it behind).
+    VipDown {
+        /// The YAML config file.
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Start three local fake kube-apiservers behind apilb on 127.0.0.1 and
     /// print curl and kubectl commands to try; needs no file and no root.
     /// Ctrl-C stops it.
@@ -115,6 +122,7 @@ fn main() -> ExitCode {
         Command::Check { config } => return check(&config),
         Command::Run { config, no_watch } => run(&config, !no_watch),
         Command::Demo => demo(),
+        Command::VipDown { config } => vip_down(&config),
     };
     match r {
         Ok(code) => code,
@@ -124,6 +132,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn vip_down(path: &Path) -> anyhow::Result<ExitCode> {
+    let cfg = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            print_config_errors(path, &e);
+            return Ok(ExitCode::from(apilb::EXIT_CONFIG as u8));
+        }
+    };
+    let Some(v) = cfg.vip else {
+        println!("no vip section: nothing to remove");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let removed = apilb::vip::remove_address(&v)?;
+    println!(
+        "{} {} {}",
+        v.cidr(),
+        if removed {
+            "removed from"
+        } else {
+            "was not on"
+        },
+        v.interface
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(path: &Path) -> ExitCode {
@@ -163,6 +197,7 @@ fn run(path: &Path, watch_config: bool) -> anyhow::Result<ExitCode> {
         inherited,
         mut readiness,
     } = Startup::from_env();
+    let vip_inherit_lease = handover::take_vip_lease();
     let cfg = match config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -192,6 +227,7 @@ fn run(path: &Path, watch_config: bool) -> anyhow::Result<ExitCode> {
             watch_config,
             process,
             inherited: Arc::new(inherited),
+            vip_inherit_lease,
         };
         let handle = match apilb::start_with(cfg, options).await {
             Ok(h) => h,

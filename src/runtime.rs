@@ -18,8 +18,10 @@ use crate::admin;
 use crate::config::Config;
 use crate::discovery;
 use crate::handover::{self, Handed, HandoverError, Inherited, Process};
+use crate::reload::VipChange;
 use crate::reload::{self, AdminListener, Reconciler, ReloadError};
 use crate::snapshot::Shared;
+use crate::vip::{self, LeaseId, VipHandle, VipMetrics};
 
 pub(crate) enum Command {
     /// Re-read the config file; `force` applies it even if unchanged (SIGHUP).
@@ -36,6 +38,10 @@ pub(crate) enum Command {
     /// it serves (SIGUSR2); the reply is its pid.
     Reexec {
         reply: oneshot::Sender<Result<u32, HandoverError>>,
+    },
+    /// Re-exec: stop the VIP election, keeping address and lease for the successor.
+    HandOverVip {
+        reply: oneshot::Sender<Option<LeaseId>>,
     },
 }
 
@@ -94,6 +100,17 @@ impl Handle {
             .map_err(|_| ReloadError::Stopped)
     }
 
+    /// For a re-exec (SIGUSR2): stops the VIP election without removing the
+    /// address or revoking the lease, and returns the lease when this node held
+    /// the VIP. Pass it to the successor as `Options::vip_inherit_lease`; it must
+    /// renew it within `renew_deadline`, or the address is dropped by nobody
+    /// until the successor's start removes it. Call before `shutdown`.
+    pub async fn hand_over_vip(&self) -> Option<LeaseId> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::HandOverVip { reply: tx }).await.ok()?;
+        rx.await.ok().flatten()
+    }
+
     /// A sender other tasks (the SIGHUP listener) can use to ask for a reload.
     pub fn reloader(&self) -> Reloader {
         Reloader(self.control.clone())
@@ -148,6 +165,10 @@ pub struct Options {
     /// Listening sockets from systemd or a re-exec predecessor; those the
     /// first config does not use are closed after start.
     pub inherited: Arc<Inherited>,
+    /// The VIP lease handed over by the process this one replaced (re-exec,
+    /// `Handle::hand_over_vip`): if it still holds the election key it is kept
+    /// renewing, with the address left in place.
+    pub vip_inherit_lease: Option<LeaseId>,
 }
 
 impl Default for Options {
@@ -156,6 +177,7 @@ impl Default for Options {
             watch_config: true,
             process: Process::current(),
             inherited: Arc::default(),
+            vip_inherit_lease: None,
         }
     }
 }
@@ -184,6 +206,11 @@ pub async fn start_with(config: Config, options: Options) -> Result<Handle, Relo
     }
     let mut admin = AdminTask::default();
     admin.replace(&shared, admin_listener);
+    let mut vip = VipTask {
+        inherit: options.vip_inherit_lease,
+        ..VipTask::default()
+    };
+    vip.apply(&shared, reconciler.take_vip_change()).await;
     let (tx, rx) = mpsc::channel(16);
     let (changed_tx, changed_rx) = mpsc::channel(1);
     if let Some(path) = source.as_ref().filter(|_| options.watch_config) {
@@ -193,6 +220,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Handle, Relo
         shared: shared.clone(),
         reconciler,
         admin,
+        vip,
         source,
         process: options.process,
         handed_over: false,
@@ -245,10 +273,80 @@ impl AdminTask {
     }
 }
 
+/// The VIP election (`vip` section), owned here because changing it awaits the
+/// old election's release.
+#[derive(Default)]
+struct VipTask {
+    handle: Option<VipHandle>,
+    /// Registered with the first election, kept across reloads.
+    metrics: Option<VipMetrics>,
+    /// The predecessor's lease (first election only).
+    inherit: Option<LeaseId>,
+}
+
+impl VipTask {
+    /// Carries out a committed `vip` change: the running election releases
+    /// (address removed, lease revoked), then the new one, if any, starts.
+    async fn apply(&mut self, shared: &Shared, change: Option<VipChange>) {
+        let Some(next) = change else { return };
+        if let Some(old) = self.handle.take() {
+            let addr = old.config().address;
+            info!(vip = %old.config().cidr(), "vip settings changed: releasing the VIP before campaigning with the new settings");
+            old.release().await;
+            if let Some(m) = &self.metrics {
+                m.forget(addr);
+            }
+        }
+        shared.vip.store(None);
+        let Some(next) = next else { return };
+        let metrics = self
+            .metrics
+            .get_or_insert_with(|| {
+                VipMetrics::register(&shared.metrics.registry).expect("vip metrics register once")
+            })
+            .clone();
+        let options = vip::Options {
+            inherit_lease: self.inherit.take(),
+        };
+        let handle = next.start(
+            metrics,
+            shared.ready.subscribe(),
+            shared.shutdown.clone(),
+            options,
+        );
+        shared.vip.store(Some(Arc::new(handle.watch_status())));
+        self.handle = Some(handle);
+    }
+
+    /// Campaigns again after a failed re-exec, going on with `lease` when
+    /// the election key is still bound to it (the address never moved).
+    async fn resume(
+        &mut self,
+        shared: &Shared,
+        cfg: crate::config::VipConfig,
+        lease: Option<LeaseId>,
+    ) {
+        self.inherit = lease;
+        match vip::prepare(cfg) {
+            Ok(p) => self.apply(shared, Some(Some(Box::new(p)))).await,
+            Err(e) => error!(error = %e, "cannot resume the VIP election after a failed re-exec"),
+        }
+    }
+
+    /// Shutdown: the address goes first, so another node takes new connections
+    /// (within `retry_period`) while this one drains.
+    async fn release(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.release().await;
+        }
+    }
+}
+
 struct Control {
     shared: Arc<Shared>,
     reconciler: Reconciler,
     admin: AdminTask,
+    vip: VipTask,
     source: Option<PathBuf>,
     process: Process,
     /// A successor took over: drain without telling systemd we stop.
@@ -287,7 +385,16 @@ impl Control {
                     Some(Command::Apply { config, reply }) => {
                         let r = self.reconciler.apply(*config, None).await;
                         self.reconciler.record_result(r.as_ref().map(|_| ()));
-                        let _ = reply.send(r.map(|a| self.admin.replace(&self.shared, a)));
+                        let r = r.map(|a| self.admin.replace(&self.shared, a));
+                        self.vip.apply(&self.shared, self.reconciler.take_vip_change()).await;
+                        let _ = reply.send(r);
+                    }
+                    Some(Command::HandOverVip { reply }) => {
+                        let lease = match self.vip.handle.take() {
+                            Some(h) => h.hand_over().await,
+                            None => None,
+                        };
+                        let _ = reply.send(lease);
                     }
                     Some(Command::Reexec { reply }) => {
                         let _ = reply.send(self.reexec().await);
@@ -299,6 +406,8 @@ impl Control {
         if !self.handed_over {
             handover::notify("STOPPING=1\nSTATUS=draining open connections");
         }
+        self.shared.draining.store(true, Relaxed);
+        self.vip.release().await;
         drain(&self.shared).await;
         self.admin.stop();
         info!("stopped");
@@ -316,7 +425,20 @@ impl Control {
             generation = self.process.generation + 1,
             "re-exec: starting the new process"
         );
-        let spawn = handover::spawn_successor(&self.process, &sockets, handover::READY_TIMEOUT);
+        // The VIP stays with this node: the election stops without a release
+        // (address kept, lease not revoked) and the successor renews the same
+        // lease; if it fails, this process takes the lease back.
+        let vip_cfg = self.vip.handle.as_ref().map(|h| h.config().clone());
+        let lease = match self.vip.handle.take() {
+            Some(h) => h.hand_over().await,
+            None => None,
+        };
+        let env: Vec<(&str, String)> = lease
+            .map(|l| (handover::ENV_VIP_LEASE, l.to_string()))
+            .into_iter()
+            .collect();
+        let spawn =
+            handover::spawn_successor_with(&self.process, &sockets, &env, handover::READY_TIMEOUT);
         let r = tokio::select! {
             r = spawn => r,
             _ = self.shared.shutdown.cancelled() => Err(HandoverError::Abandoned),
@@ -339,6 +461,9 @@ impl Control {
             Err(e) => {
                 m.reexecs.with_label_values(&["failure"]).inc();
                 error!(error = %e, "re-exec failed; this process keeps serving");
+                if let Some(cfg) = vip_cfg {
+                    self.vip.resume(&self.shared, cfg, lease).await;
+                }
                 handover::notify(&format!("STATUS=serving; the last re-exec failed: {e}"));
             }
         }
@@ -349,8 +474,11 @@ impl Control {
         let a = self
             .reconciler
             .reload_file(self.source.as_deref(), force)
-            .await?;
-        self.admin.replace(&self.shared, a);
+            .await;
+        self.vip
+            .apply(&self.shared, self.reconciler.take_vip_change())
+            .await;
+        self.admin.replace(&self.shared, a?);
         Ok(())
     }
 }

@@ -84,6 +84,10 @@ pub struct Shared {
     pub connections: TaskTracker,
     /// True from the moment shutdown begins (admin `/readyz` turns 503).
     pub draining: AtomicBool,
+    /// Whether some pool has an up backend (the VIP's `require_ready`).
+    pub ready: tokio::sync::watch::Sender<bool>,
+    /// The VIP election's status while `vip` is configured (admin `/status`).
+    pub vip: arc_swap::ArcSwapOption<tokio::sync::watch::Receiver<crate::vip::VipStatus>>,
 }
 
 impl Default for Shared {
@@ -101,6 +105,8 @@ impl Shared {
             hard_stop: CancellationToken::new(),
             connections: TaskTracker::new(),
             draining: AtomicBool::new(false),
+            ready: tokio::sync::watch::channel(true).0,
+            vip: arc_swap::ArcSwapOption::empty(),
         }
     }
 
@@ -127,6 +133,9 @@ impl Shared {
             return;
         };
         let up = p.up_count();
+        let ready = snap.pools.values().any(|p| p.up_count() > 0);
+        self.ready
+            .send_if_modified(|r| std::mem::replace(r, ready) != ready);
         let (g_up, g_down) = self.metrics.pool_gauges(pool);
         g_up.set(up as i64);
         let down = up == 0;

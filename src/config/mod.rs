@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod raw;
 mod selfaddr;
 mod validate;
+pub mod vip;
 mod yamldepth;
 
 use std::collections::HashSet;
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 pub use selfaddr::{is_self_address, local_addresses};
 pub use validate::validate;
+pub use vip::VipConfig;
 pub use yamldepth::MAX_YAML_DEPTH;
 
 /// Where the admin server listens when `admin.listen` is not set.
@@ -63,6 +65,8 @@ pub struct Config {
     pub workers: Option<usize>,
     pub frontends: Vec<FrontendConfig>,
     pub pools: Vec<PoolConfig>,
+    /// VIP ownership through etcd leader election; `None`: apilb holds no address.
+    pub vip: Option<VipConfig>,
     /// Every certificate file named, with its earliest expiry: for the expiry
     /// warnings and the `apilb_tls_certificate_expiry_timestamp_seconds` metric.
     pub certificates: Vec<CertExpiry>,
@@ -90,6 +94,7 @@ impl Config {
             workers: None,
             frontends: Vec::new(),
             pools: Vec::new(),
+            vip: None,
             certificates: Vec::new(),
         }
     }

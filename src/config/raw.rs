@@ -19,6 +19,8 @@ pub struct RawConfig {
     pub frontends: Vec<RawFrontend>,
     #[serde(default)]
     pub pools: Vec<RawPool>,
+    /// Optional VIP ownership (`config::vip`).
+    pub vip: Option<super::vip::RawVip>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

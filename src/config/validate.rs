@@ -13,17 +13,22 @@ use crate::tls;
 
 /// Collects errors while walking the raw config, and the certificate files
 /// read on the way (for expiry warnings).
-struct Errors(Vec<FieldError>, Vec<CertExpiry>);
+pub(super) struct Errors(Vec<FieldError>, Vec<CertExpiry>);
 
 impl Errors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError {
             path: path.into(),
             message: message.into(),
         });
     }
 
-    fn duration(&mut self, path: String, value: &Option<String>, default: Duration) -> Duration {
+    pub(super) fn duration(
+        &mut self,
+        path: String,
+        value: &Option<String>,
+        default: Duration,
+    ) -> Duration {
         self.opt_duration(path, value).unwrap_or(default)
     }
 
@@ -58,7 +63,11 @@ impl Errors {
         }
     }
 
-    fn required<'a>(&mut self, path: String, value: &'a Option<String>) -> Option<&'a str> {
+    pub(super) fn required<'a>(
+        &mut self,
+        path: String,
+        value: &'a Option<String>,
+    ) -> Option<&'a str> {
         match value.as_deref().map(str::trim) {
             Some(v) if !v.is_empty() => Some(v),
             _ => {
@@ -69,7 +78,7 @@ impl Errors {
     }
 
     /// A file that must exist and hold PEM certificates.
-    fn cert_file(&mut self, path: String, value: &Option<String>) -> Option<PathBuf> {
+    pub(super) fn cert_file(&mut self, path: String, value: &Option<String>) -> Option<PathBuf> {
         self.certs(path, value).map(|(file, _)| file)
     }
 
@@ -143,7 +152,7 @@ impl Errors {
     }
 
     /// A cert/key pair: both or neither.
-    fn pair(
+    pub(super) fn pair(
         &mut self,
         base: &str,
         (cert_name, cert): (&str, &Option<String>),
@@ -332,6 +341,10 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
     listens.extend(admin_addr);
     loop_check(&mut errs, &pools, &listens);
 
+    let vip = raw
+        .vip
+        .as_ref()
+        .and_then(|v| super::vip::validate(&mut errs, v));
     if !errs.0.is_empty() {
         return Err(ConfigError { errors: errs.0 });
     }
@@ -344,6 +357,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         workers: raw.workers,
         frontends,
         pools,
+        vip,
         certificates: errs.1,
     })
 }

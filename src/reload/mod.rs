@@ -55,6 +55,8 @@ pub enum ReloadError {
     NoSource,
     #[error("apilb is stopping")]
     Stopped,
+    #[error("vip: {0}")]
+    Vip(#[from] crate::vip::VipError),
 }
 
 impl ReloadError {
@@ -94,7 +96,13 @@ struct Prepared {
     inherited: HashSet<String>,
     /// Per http frontend: its TLS acceptor and its pool's upstream.
     http: HashMap<String, (TlsAcceptor, Arc<Upstream>)>,
+    /// `Some` when `vip` changed: the election to start (`None`: no more VIP).
+    vip: Option<VipChange>,
 }
+
+/// A changed `vip` section, checked (capabilities, interface, etcd TLS files):
+/// the caller releases the running election and starts this one, if any.
+pub type VipChange = Option<Box<crate::vip::Prepared>>;
 
 /// A listener the caller must serve: the admin server after it (re)bound.
 pub struct AdminListener {
@@ -126,6 +134,8 @@ pub struct Reconciler {
     started: bool,
     /// Discovery's overlay on the config as given: see `discovered.rs`.
     discovery: discovered::Overlay,
+    /// Set by a commit whose `vip` changed; taken by the runtime.
+    vip_change: Option<VipChange>,
 }
 
 impl Reconciler {
@@ -148,7 +158,14 @@ impl Reconciler {
             routes: HashMap::new(),
             last_bytes: None,
             started: false,
+            vip_change: None,
         }
+    }
+
+    /// The VIP change the last commits left for the runtime to carry out
+    /// (async: the old election releases its address and lease first).
+    pub fn take_vip_change(&mut self) -> Option<VipChange> {
+        self.vip_change.take()
     }
 
     /// Re-reads the file; with `force` false an unchanged file is a no-op.
@@ -332,6 +349,9 @@ impl Reconciler {
             }
         }
 
+        if let Some(v) = prep.vip {
+            self.vip_change = Some(v);
+        }
         self.reconcile_listeners(&next, plan, prep.listeners, &prep.inherited);
         self.reconcile_probes(&next);
         self.drain_removed(removed, &drains);
@@ -707,11 +727,21 @@ async fn prepare(
     let http = tokio::task::spawn_blocking(move || http_material(&c, &old))
         .await
         .map_err(|_| ReloadError::Stopped)??;
+    let vip = match plan.vip_changed {
+        true => Some(
+            cfg.vip
+                .clone()
+                .map(|v| crate::vip::prepare(v).map(Box::new))
+                .transpose()?,
+        ),
+        false => None,
+    };
     Ok(Prepared {
         listeners,
         admin,
         inherited,
         http,
+        vip,
     })
 }
 

@@ -25,6 +25,9 @@ pub struct Plan {
     pub removed_servers: BTreeMap<String, Vec<ServerConfig>>,
     /// Pools that are gone.
     pub removed_pools: Vec<String>,
+    /// The `vip` section changed (or appeared, or went): the running election
+    /// releases and, if there is a new section, a new one starts.
+    pub vip_changed: bool,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -44,6 +47,7 @@ pub fn plan(old: Option<&Config>, new: &Config) -> Plan {
     };
     plan_frontends(old_cfg, new, &mut p);
     plan_pools(old_cfg, new, &mut p);
+    p.vip_changed = old_cfg.vip != new.vip;
     p
 }
 
