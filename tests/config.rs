@@ -138,6 +138,9 @@ fn invalid_cases(tmp: &std::path::Path) -> Vec<(String, &'static str)> {
         (format!("{GOOD_FE}{GOOD_POOL}    connect_timeout: five\n"), "pools[0].connect_timeout"),
         (format!("{GOOD_FE}{GOOD_POOL}shutdown_grace: soon\n"), "shutdown_grace"),
         (format!("{GOOD_FE}{GOOD_POOL}    health:\n      rise: 0\n"), "pools[0].health.rise"),
+        (format!("{GOOD_FE}{GOOD_POOL}    upstream:\n      max_connections_per_server: 0\n"), "pools[0].upstream.max_connections_per_server"),
+        (format!("{GOOD_FE}{GOOD_POOL}    upstream:\n      queue_timeout: 0s\n"), "pools[0].upstream.queue_timeout"),
+        (format!("{GOOD_FE}{GOOD_POOL}    upstream:\n      max_queue: 5\n"), "unknown field `max_queue`"),
         (format!("{GOOD_FE}{GOOD_POOL}    health:\n      fall: 0\n"), "pools[0].health.fall"),
         (
             format!("{GOOD_FE}{GOOD_POOL}    health:\n      interval: 1s\n      timeout: 1s\n"),

@@ -584,3 +584,70 @@ async fn tunnels_hold_2_of_2_max_connections_until_they_close() {
     h.shutdown();
     h.wait().await;
 }
+
+/// `pools[].upstream`: with at most 1 connection per server and servers
+/// that allow 2 streams each, 6 watches fill the 3 backends; the next request
+/// waits for a free stream and gets 503 after `queue_timeout` (busy, not
+/// down: no failover, backends stay up), and is served once streams free up.
+#[tokio::test]
+async fn a_full_pool_queues_then_answers_503_after_queue_timeout() {
+    let mut s = Scale::fakes(|o| o.max_concurrent_streams = Some(2)).await;
+    s.yaml.push_str(
+        "    upstream:\n      max_connections_per_server: 1\n      max_queued: 8\n      queue_timeout: 300ms\n",
+    );
+    let h = start_yaml(&s.yaml).await;
+    let addr = fe(&h);
+    let send = s.h2(addr).await;
+    let mut watches = Vec::new();
+    for i in 0..6 {
+        let resp = send
+            .clone()
+            .send_request(get(addr, "/api/v1/namespaces?watch=true"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "watch {i}");
+        watches.push(resp);
+    }
+    let t = Instant::now();
+    let resp = send
+        .clone()
+        .send_request(get(addr, "/version"))
+        .await
+        .unwrap();
+    let waited = t.elapsed();
+    assert_eq!(resp.status(), 503, "a request beyond the full pool");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("queue_timeout"), "{body}");
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "waited {waited:?}"
+    );
+    let m = String::from_utf8(h.shared().metrics.render()).unwrap();
+    for f in &s.fakes {
+        assert_eq!(
+            upstream_conns(&m, f),
+            1.0,
+            "{}: one connection at most\n{m}",
+            f.name()
+        );
+    }
+    assert!((0..3).all(|i| backend_up(&h, "p", i)), "busy is not down");
+    s.check_limits();
+    drop(watches);
+    let resp = wait_for(
+        "a free stream after the watches end",
+        Duration::from_secs(5),
+        || {
+            let mut send = send.clone();
+            async move {
+                let r = send.send_request(get(addr, "/version")).await.ok()?;
+                (r.status() == 200).then_some(r)
+            }
+        },
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    h.shutdown();
+    h.wait().await;
+}

@@ -47,6 +47,14 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// L7: concurrent HTTP/2 streams per client connection (the apiserver's own default).
 pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 250;
+/// L7 upstream: connections (HTTP/2 and HTTP/1.1) per server and identity;
+/// 256 × 100 streams holds 20,000 watches with room to spare.
+pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_SERVER: usize = 256;
+/// L7 upstream: requests that may wait for a free stream per server and
+/// identity; beyond it they get 503 at once.
+pub const DEFAULT_UPSTREAM_MAX_QUEUED: usize = 4096;
+/// L7 upstream: how long a request waits for a free stream before its 503.
+pub const DEFAULT_UPSTREAM_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound on `connect_attempts`; more only delays the client's own retry.
 pub const MAX_CONNECT_ATTEMPTS: u32 = 16;
 /// Upper bound on `workers`.
@@ -239,6 +247,26 @@ pub struct PoolConfig {
     pub discovery: Option<discovery::KubernetesDiscovery>,
     /// Where `servers` came from: the file, or discovery's overlay.
     pub members: discovery::Members,
+    /// Bounds of the L7 upstream connection pools.
+    pub upstream: UpstreamLimits,
+}
+
+/// `pools[].upstream`: how far an L7 frontend's upstream pools may grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamLimits {
+    pub max_connections_per_server: usize,
+    pub max_queued: usize,
+    pub queue_timeout: Duration,
+}
+
+impl Default for UpstreamLimits {
+    fn default() -> Self {
+        UpstreamLimits {
+            max_connections_per_server: DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_SERVER,
+            max_queued: DEFAULT_UPSTREAM_MAX_QUEUED,
+            queue_timeout: DEFAULT_UPSTREAM_QUEUE_TIMEOUT,
+        }
+    }
 }
 
 /// One backend as written in `servers`, with the address it resolved to.

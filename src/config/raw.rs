@@ -71,6 +71,15 @@ pub struct RawPool {
     pub tls: Option<RawUpstreamTls>,
     pub health: Option<RawHealth>,
     pub discovery: Option<super::discovery::RawDiscovery>,
+    pub upstream: Option<RawUpstreamLimits>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamLimits {
+    pub max_connections_per_server: Option<usize>,
+    pub max_queued: Option<usize>,
+    pub queue_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -467,6 +467,7 @@ fn pool(errs: &mut Errors, i: usize, p: &RawPool) -> Option<PoolConfig> {
         }
     }
     let health = health(errs, &base, p.health.as_ref());
+    let upstream = upstream_limits(errs, &base, p.upstream.as_ref());
     let discovery = p
         .discovery
         .as_ref()
@@ -483,7 +484,40 @@ fn pool(errs: &mut Errors, i: usize, p: &RawPool) -> Option<PoolConfig> {
         health: health?,
         discovery,
         members: Default::default(),
+        upstream,
     })
+}
+
+fn upstream_limits(
+    errs: &mut Errors,
+    base: &str,
+    u: Option<&super::raw::RawUpstreamLimits>,
+) -> UpstreamLimits {
+    let mut l = UpstreamLimits::default();
+    let Some(u) = u else { return l };
+    let b = format!("{base}.upstream");
+    for (key, value, slot) in [
+        (
+            "max_connections_per_server",
+            u.max_connections_per_server,
+            &mut l.max_connections_per_server,
+        ),
+        ("max_queued", u.max_queued, &mut l.max_queued),
+    ] {
+        match value {
+            Some(0) => errs.push(format!("{b}.{key}"), "must be at least 1"),
+            Some(v) => *slot = v,
+            None => {}
+        }
+    }
+    if let Some(t) = errs.opt_duration(format!("{b}.queue_timeout"), &u.queue_timeout) {
+        if t.is_zero() {
+            errs.push(format!("{b}.queue_timeout"), "must be longer than 0s");
+        } else {
+            l.queue_timeout = t;
+        }
+    }
+    l
 }
 
 fn http_frontend(errs: &mut Errors, base: &str, f: &RawFrontend) -> Option<HttpFrontend> {

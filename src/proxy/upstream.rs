@@ -6,8 +6,9 @@
 //! HTTP/2: many connections per backend. Each carries at most
 //! min(the server's SETTINGS_MAX_CONCURRENT_STREAMS, [`MAX_STREAMS_PER_CONN`])
 //! streams; when every connection is full one new connection opens (one at
-//! a time, so a burst does not open fifty); past [`MAX_CONNS_PER_BACKEND`]
-//! requests wait in a bounded queue and fail after [`QUEUE_TIMEOUT`]. A
+//! a time, so a burst does not open fifty); past the pool's
+//! `upstream.max_connections_per_server` requests wait in a bounded queue
+//! (`upstream.max_queued`) and fail after `upstream.queue_timeout`. A
 //! connection that said GOAWAY or refused a stream takes no new streams and
 //! closes when its streams end. HTTP/1.1 (servers without h2, upgrades):
 //! idle keep-alive connections are reused, and the same connection cap holds.
@@ -38,7 +39,7 @@ use tracing::debug;
 
 use super::h2frames::{GoawayState, Watched};
 use crate::balancer::Backend;
-use crate::config::PoolConfig;
+use crate::config::{PoolConfig, UpstreamLimits};
 use crate::metrics::BackendMetrics;
 use crate::net::{self, Fault};
 use crate::tls::{self, ClientMaterial, TlsError};
@@ -49,14 +50,6 @@ pub type UpBody = BoxBody<Bytes, hyper::Error>;
 /// Streams per upstream HTTP/2 connection at most, even when the server
 /// allows more (kube-apiserver advertises 100).
 pub const MAX_STREAMS_PER_CONN: usize = 100;
-/// Upstream connections (HTTP/2 and HTTP/1.1 together) per backend and
-/// identity: 256 × 100 streams holds 20,000 watches with room to spare.
-pub const MAX_CONNS_PER_BACKEND: usize = 256;
-/// Requests that may wait for a free stream per backend and identity;
-/// beyond it they get 503 at once.
-pub const MAX_QUEUED: usize = 4096;
-/// How long a request waits for a free stream before it gets 503.
-pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per-stream receive window toward backends: the most unread response
 /// data one stream can hold in apilb.
 pub const STREAM_WINDOW: u32 = 256 * 1024;
@@ -204,6 +197,7 @@ pub struct TlsSet {
 pub struct Upstream {
     tls: Arc<TlsSet>,
     connect_timeout: Duration,
+    limits: UpstreamLimits,
     /// Indexed like `Pool::backends`: [plain, front-proxy].
     slots: Vec<[Arc<Slot>; 2]>,
     /// Server keys in `slots` order, to carry slots across reloads.
@@ -265,10 +259,10 @@ pub enum ConnectError {
     NoFrontProxy,
     #[error("{0}")]
     Name(#[from] TlsError),
-    #[error("{MAX_QUEUED} requests already wait for a free upstream stream")]
-    QueueFull,
-    #[error("no upstream stream became free within {QUEUE_TIMEOUT:?}")]
-    QueueTimeout,
+    #[error("{0} requests already wait for a free upstream stream (pools[].upstream.max_queued)")]
+    QueueFull(usize),
+    #[error("no upstream stream became free within {} (pools[].upstream.queue_timeout)", humantime::format_duration(*.0))]
+    QueueTimeout(Duration),
 }
 
 impl ConnectError {
@@ -279,14 +273,17 @@ impl ConnectError {
             ConnectError::Timeout(_) | ConnectError::Handshake(_) => Fault::Backend,
             ConnectError::NoFrontProxy
             | ConnectError::Name(_)
-            | ConnectError::QueueFull
-            | ConnectError::QueueTimeout => Fault::Local(net::local::OTHER),
+            | ConnectError::QueueFull(_)
+            | ConnectError::QueueTimeout(_) => Fault::Local(net::local::OTHER),
         }
     }
 
     /// Queue errors mean "busy", not "down": no failover, no health report.
     pub fn is_busy(&self) -> bool {
-        matches!(self, ConnectError::QueueFull | ConnectError::QueueTimeout)
+        matches!(
+            self,
+            ConnectError::QueueFull(_) | ConnectError::QueueTimeout(_)
+        )
     }
 }
 
@@ -378,6 +375,7 @@ impl Upstream {
         Upstream {
             tls,
             connect_timeout: pool.connect_timeout,
+            limits: pool.upstream,
             slots,
             keys,
         }
@@ -403,7 +401,8 @@ impl Upstream {
         upgrade: bool,
     ) -> Result<(Sender, Lease), ConnectError> {
         let slot = &self.slots[i][identity as usize];
-        let deadline = Instant::now() + QUEUE_TIMEOUT;
+        let limits = self.limits;
+        let deadline = Instant::now() + limits.queue_timeout;
         let mut queued: Option<Queued> = None;
         loop {
             let notified = slot.wake.notified();
@@ -413,7 +412,7 @@ impl Upstream {
                 return Ok(s);
             }
             // Tunnels are bounded by the frontend's max_connections instead.
-            let room = upgrade || slot.open.load(Relaxed) < MAX_CONNS_PER_BACKEND;
+            let room = upgrade || slot.open.load(Relaxed) < limits.max_connections_per_server;
             let h1 = upgrade || slot.h1_only.load(Relaxed);
             if room && (h1 || !slot.opening.swap(true, Relaxed)) {
                 // Released even when this request is dropped mid-connect
@@ -427,10 +426,10 @@ impl Upstream {
                 }
             }
             if queued.is_none() {
-                queued = Some(Queued::enter(slot, &backend.metrics)?);
+                queued = Some(Queued::enter(slot, &backend.metrics, limits.max_queued)?);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(ConnectError::QueueTimeout);
+                return Err(ConnectError::QueueTimeout(limits.queue_timeout));
             }
         }
     }
@@ -677,10 +676,10 @@ struct Queued {
 }
 
 impl Queued {
-    fn enter(slot: &Arc<Slot>, m: &BackendMetrics) -> Result<Self, ConnectError> {
-        if slot.waiting.fetch_add(1, Relaxed) >= MAX_QUEUED {
+    fn enter(slot: &Arc<Slot>, m: &BackendMetrics, max: usize) -> Result<Self, ConnectError> {
+        if slot.waiting.fetch_add(1, Relaxed) >= max {
             slot.waiting.fetch_sub(1, Relaxed);
-            return Err(ConnectError::QueueFull);
+            return Err(ConnectError::QueueFull(max));
         }
         m.queued.inc();
         Ok(Queued {
