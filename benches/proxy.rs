@@ -20,6 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use apilb::demo::fake::Filler;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame};
@@ -165,31 +166,6 @@ fn pss_kib(pid: u32) -> f64 {
 
 // ---------------------------------------------------------------- backends
 
-/// A body of `left` bytes made of one repeated chunk (no copying).
-struct Repeat {
-    left: u64,
-    chunk: Bytes,
-}
-
-impl Body for Repeat {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.left == 0 {
-            return Poll::Ready(None);
-        }
-        let n = (self.chunk.len() as u64).min(self.left);
-        self.left -= n;
-        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n as usize)))))
-    }
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        hyper::body::SizeHint::with_exact(self.left)
-    }
-}
-
 /// A watch: one event at once, then silence until the client leaves (the
 /// body is never woken again, so it costs nothing while open).
 struct Watch {
@@ -220,7 +196,7 @@ async fn backend_handle(
     small: Bytes,
 ) -> Result<hyper::Response<BoxBody<Bytes, Infallible>>, Infallible> {
     let body = match req.uri().path() {
-        "/large" => BoxBody::new(Repeat { left: LARGE, chunk }),
+        "/large" => BoxBody::new(Filler::new(LARGE, chunk)),
         "/readyz" => Full::new(Bytes::from_static(b"ok")).boxed(),
         "/watch" => BoxBody::new(Watch { sent: false }),
         _ => Full::new(small).boxed(),

@@ -563,16 +563,24 @@ fn large(n: u64, server: &str) -> Resp {
         .header("content-type", "application/json")
         .header("content-length", n)
         .header("x-fake-server", server)
-        .body(BoxBody::new(Filler {
-            left: n,
-            chunk: Bytes::from(vec![b' '; 64 * 1024]),
-        }))
+        .body(BoxBody::new(Filler::new(
+            n,
+            Bytes::from(vec![b' '; 64 * 1024]),
+        )))
         .expect("valid response")
 }
 
-struct Filler {
+/// A body of `len` bytes made of one repeated chunk (no copying): large
+/// responses here, and the benchmark's bulk body.
+pub struct Filler {
     left: u64,
     chunk: Bytes,
+}
+
+impl Filler {
+    pub fn new(len: u64, chunk: Bytes) -> Self {
+        Filler { left: len, chunk }
+    }
 }
 
 impl Body for Filler {
