@@ -273,10 +273,10 @@ pools:
     servers: ["{backend}"]
     health:
       check: tcp
-      interval: 200ms
-      timeout: 100ms
+      interval: 500ms
+      timeout: 400ms
       rise: 1
-      fall: 1
+      fall: 2
 vip:
   address: {vip}/24
   interface: {interface}

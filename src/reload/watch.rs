@@ -36,9 +36,10 @@ pub fn watch_file(path: PathBuf, changed: mpsc::Sender<()>, stop: CancellationTo
             }
         }
     }
+    let names = Names::of(&path);
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
-            if !ev.kind.is_access() {
+            if !ev.kind.is_access() && names.concern(&ev) {
                 let _ = tx.send(());
             }
         }
@@ -75,4 +76,61 @@ pub fn watch_file(path: PathBuf, changed: mpsc::Sender<()>, stop: CancellationTo
             }
         }
     });
+}
+
+/// The file names in the watched directories whose changes mean the config may
+/// have changed: the config file, its symlink target, and a ConfigMap volume's
+/// `..data` swap. Other files there (another daemon's config, certificates,
+/// an etcd data directory) do not trigger a reload.
+struct Names(Vec<std::ffi::OsString>);
+
+impl Names {
+    fn of(path: &Path) -> Self {
+        let mut names: Vec<std::ffi::OsString> =
+            path.file_name().into_iter().map(Into::into).collect();
+        if let Some(n) = std::fs::canonicalize(path)
+            .ok()
+            .as_deref()
+            .and_then(Path::file_name)
+        {
+            if !names.iter().any(|m| m == n) {
+                names.push(n.into());
+            }
+        }
+        Names(names)
+    }
+
+    /// Whether an event touches one of the names; an event without paths (the
+    /// kernel's queue overflowed) counts, since anything may have changed.
+    fn concern(&self, ev: &notify::Event) -> bool {
+        ev.need_rescan()
+            || ev.paths.is_empty()
+            || ev
+                .paths
+                .iter()
+                .filter_map(|p| p.file_name())
+                .any(|n| self.0.iter().any(|m| m == n) || n.to_string_lossy().starts_with("..data"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, EventKind};
+
+    fn event(path: &str) -> notify::Event {
+        notify::Event::new(EventKind::Create(CreateKind::File)).add_path(PathBuf::from(path))
+    }
+
+    #[test]
+    fn only_the_config_and_a_configmap_swap_concern_the_watch() {
+        let names = Names::of(Path::new("/nonexistent/apilb/apilb.yaml"));
+        assert!(names.concern(&event("/nonexistent/apilb/apilb.yaml")));
+        assert!(names.concern(&event("/nonexistent/apilb/..data")));
+        assert!(names.concern(&event("/nonexistent/apilb/..data_tmp")));
+        assert!(!names.concern(&event("/nonexistent/apilb/other.yaml")));
+        assert!(!names.concern(&event("/nonexistent/apilb/server.crt")));
+        let overflow = notify::Event::new(EventKind::Other);
+        assert!(names.concern(&overflow));
+    }
 }
