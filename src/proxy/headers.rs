@@ -74,43 +74,39 @@ fn is_identity(name: &str, extra: &[String]) -> bool {
     name.starts_with(IDENTITY_PREFIX) || extra.iter().any(|e| e == name)
 }
 
-/// Sets X-Forwarded-For to the client's address. `Replace` first drops what
-/// the client sent in X-Forwarded-For, X-Real-Ip and Forwarded; `Append`
-/// keeps them and appends the address to X-Forwarded-For.
-pub fn set_forwarded_for(h: &mut HeaderMap, client: IpAddr, mode: ForwardedFor) {
-    let ip = client.to_string();
-    let value = match mode {
+/// The X-Forwarded-For value naming a client: made once per connection.
+pub fn forwarded_value(client: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&client.to_string()).expect("an IP is a header value")
+}
+
+/// Sets X-Forwarded-For to the client's address (`ip`, from
+/// [`forwarded_value`]). `Replace` first drops what the client sent in
+/// X-Forwarded-For, X-Real-Ip and Forwarded; `Append` keeps them and appends
+/// the address to X-Forwarded-For.
+pub fn set_forwarded_for(h: &mut HeaderMap, ip: &HeaderValue, mode: ForwardedFor) {
+    let prev: Vec<&[u8]> = match mode {
         ForwardedFor::Replace => {
             for n in FORWARDING {
                 h.remove(n);
             }
-            ip
+            Vec::new()
         }
-        ForwardedFor::Append => {
-            let prev: Vec<&str> = h
-                .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            if prev.is_empty() {
-                ip
-            } else {
-                format!("{}, {ip}", prev.join(", "))
-            }
-        }
+        ForwardedFor::Append => h
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect(),
     };
-    match HeaderValue::from_str(&value) {
-        Ok(v) => {
-            h.insert("x-forwarded-for", v);
-        }
-        Err(_) => {
-            // A client value that is no valid header value: keep only ours.
-            h.insert(
-                "x-forwarded-for",
-                HeaderValue::from_str(&client.to_string()).expect("an IP is a header value"),
-            );
-        }
+    if prev.is_empty() {
+        h.insert("x-forwarded-for", ip.clone());
+        return;
     }
+    let mut v = prev.join(&b", "[..]);
+    v.extend_from_slice(b", ");
+    v.extend_from_slice(ip.as_bytes());
+    // A client value that is no valid header value: keep only ours.
+    let v = HeaderValue::from_bytes(&v).unwrap_or_else(|_| ip.clone());
+    h.insert("x-forwarded-for", v);
 }
 
 /// A client identity from a verified certificate: user (CN) and groups (O).
@@ -294,7 +290,7 @@ mod tests {
 
     #[test]
     fn forwarding_headers_are_replaced_or_appended() {
-        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let ip = forwarded_value("10.1.2.3".parse().unwrap());
         let client = || {
             let mut h = HeaderMap::new();
             h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
@@ -304,12 +300,12 @@ mod tests {
             h
         };
         let mut h = client();
-        set_forwarded_for(&mut h, ip, ForwardedFor::Replace);
+        set_forwarded_for(&mut h, &ip, ForwardedFor::Replace);
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert!(h.get("x-real-ip").is_none() && h.get("forwarded").is_none());
         let mut h = client();
-        set_forwarded_for(&mut h, ip, ForwardedFor::Append);
+        set_forwarded_for(&mut h, &ip, ForwardedFor::Append);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
         assert_eq!(h["x-real-ip"], "3.3.3.3");
     }

@@ -27,6 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::h1guard::H1Guard;
+use super::handles::{Handles, Labels};
 use super::headers;
 use super::upstream::{self, ConnectError, Identity, Lease, SendError, Sender, UpBody, Upstream};
 use super::Env;
@@ -62,6 +63,20 @@ pub struct Route {
     pub settings: HttpFrontend,
     pub pool: Arc<Pool>,
     pub upstream: Arc<Upstream>,
+    /// Metric handles of this route's requests, resolved on first use.
+    handles: Handles,
+}
+
+impl Route {
+    pub fn new(settings: HttpFrontend, pool: Arc<Pool>, upstream: Arc<Upstream>) -> Self {
+        let handles = Handles::new(pool.backends.len());
+        Route {
+            settings,
+            pool,
+            upstream,
+            handles,
+        }
+    }
 }
 
 /// The L7 side of a frontend, built by each reload (certificates re-read).
@@ -96,6 +111,8 @@ struct Conn {
     env: Env,
     svc: Arc<Service>,
     peer: SocketAddr,
+    /// The peer's address as an X-Forwarded-For value.
+    xff: HeaderValue,
     id: Option<headers::ClientId>,
     hold: Hold,
 }
@@ -154,6 +171,7 @@ pub async fn serve_conn(
         env: env.clone(),
         svc: svc.clone(),
         peer,
+        xff: headers::forwarded_value(peer.ip()),
         id,
         hold,
     });
@@ -223,8 +241,11 @@ fn local(status: StatusCode, msg: impl Into<String>) -> Response<RespBody> {
 pub fn is_long_running(uri: &Uri) -> bool {
     let q = uri.query().unwrap_or("");
     let flag = |k: &str| {
-        q.split('&')
-            .any(|kv| kv == format!("{k}=true") || kv == format!("{k}=1"))
+        q.split('&').any(|kv| {
+            kv.strip_prefix(k)
+                .and_then(|v| v.strip_prefix('='))
+                .is_some_and(|v| v == "true" || v == "1")
+        })
     };
     let path = uri.path();
     flag("watch")
@@ -254,7 +275,7 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
     let strip = &rt.settings.strip_headers;
     headers::strip_identity(req.headers_mut(), strip);
     headers::strip_hop_by_hop(req.headers_mut(), upgrade);
-    headers::set_forwarded_for(req.headers_mut(), conn.peer.ip(), rt.settings.forwarded_for);
+    headers::set_forwarded_for(req.headers_mut(), &conn.xff, rt.settings.forwarded_for);
     let identity = match &conn.id {
         Some(id) => {
             if let Err(why) = headers::insert_identity(req.headers_mut(), id) {
@@ -271,13 +292,6 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
         }
         None => Identity::Plain,
     };
-    // Authority for HTTP/2 upstreams and Host for HTTP/1.1 ones.
-    let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from)
-    });
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let fault = headers::BodyFault::default();
@@ -306,7 +320,6 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
         upgrade,
         long,
         method,
-        authority: authority.as_deref(),
         fault,
     };
     let resp = match forward(&ctx, req, body).await {
@@ -331,13 +344,10 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
     let mut resp = resp;
     headers::strip_hop_by_hop(resp.headers_mut(), false);
     let timer = (!long).then(|| {
-        (
-            started,
-            conn.env
-                .metrics
-                .http_duration
-                .with_label_values(&[&conn.svc.name, method]),
-        )
+        let h = rt
+            .handles
+            .duration(&conn.env.metrics, &conn.svc.name, method);
+        (started, h)
     });
     let closed = Box::pin(b.kill_token().cancelled_owned());
     let idle_limit = (!long).then_some(rt.settings.request_timeout);
@@ -365,7 +375,6 @@ struct Attempt<'a> {
     upgrade: bool,
     long: bool,
     method: &'static str,
-    authority: Option<&'a str>,
     /// Set when the client's request body broke (h1guard counted it).
     fault: headers::BodyFault,
 }
@@ -465,9 +474,10 @@ async fn forward(
     let cfg = &pool.config;
     let resend_on_failure = matches!(*head.method(), Method::GET | Method::HEAD)
         && matches!(&body, ReqBody::Whole(b) if b.is_empty());
-    let mut tried: Vec<usize> = Vec::with_capacity(cfg.connect_attempts as usize);
+    // Allocated only when an attempt fails.
+    let mut tried: Vec<usize> = Vec::new();
     let mut refusals = 0;
-    let mut last_error = String::from("no backend available");
+    let mut last_error = String::new();
     let mut spare: Option<Request<UpBody>> = None;
     while tried.len() < cfg.connect_attempts as usize && refusals <= MAX_REFUSALS {
         let Some(i) = pool.pick(&tried) else { break };
@@ -477,7 +487,7 @@ async fn forward(
         let (mut sender, lease) = match rt.upstream.sender(i, b, a.identity, a.upgrade).await {
             Ok(s) => s,
             Err(e) if e.is_busy() => {
-                count(a.conn, b, a.method, StatusCode::SERVICE_UNAVAILABLE);
+                count(a, i, StatusCode::SERVICE_UNAVAILABLE);
                 return Err(local(StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
             }
             Err(e) => {
@@ -496,7 +506,7 @@ async fn forward(
                 None => break,
             },
         };
-        let out = shape(out, &sender, a.authority, &b.server.key);
+        let out = shape(out, &sender, &b.server.key);
         let send = Upstream::send(&mut sender, out);
         let result = if a.long {
             send.await
@@ -504,7 +514,7 @@ async fn forward(
             match tokio::time::timeout(rt.settings.request_timeout, send).await {
                 Ok(r) => r,
                 Err(_) => {
-                    count(a.conn, b, a.method, StatusCode::GATEWAY_TIMEOUT);
+                    count(a, i, StatusCode::GATEWAY_TIMEOUT);
                     return Err(local(
                         StatusCode::GATEWAY_TIMEOUT,
                         "the apiserver did not answer within request_timeout",
@@ -519,7 +529,7 @@ async fn forward(
                         rt.upstream.release(i, a.identity, h1);
                     }
                 }
-                count(a.conn, b, a.method, resp.status());
+                count(a, i, resp.status());
                 return Ok((resp, b.clone(), guard, lease));
             }
             Err(SendError::Refused(back, e)) => {
@@ -536,7 +546,7 @@ async fn forward(
                 last_error = format!("upstream request failed: {e}");
                 debug!(backend.addr = %b.server.key, error = %e, "upstream request failed");
                 if !resend_on_failure {
-                    count(a.conn, b, a.method, StatusCode::BAD_GATEWAY);
+                    count(a, i, StatusCode::BAD_GATEWAY);
                     return Err(local(StatusCode::BAD_GATEWAY, last_error));
                 }
                 tried.push(i);
@@ -549,6 +559,9 @@ async fn forward(
             StatusCode::SERVICE_UNAVAILABLE,
             "no apiserver is up (when_all_down: reject)",
         ));
+    }
+    if last_error.is_empty() {
+        last_error.push_str("no backend available");
     }
     Err(local(StatusCode::BAD_GATEWAY, last_error))
 }
@@ -573,24 +586,24 @@ fn rebuild(head: &Request<()>, body: UpBody) -> Request<UpBody> {
     r
 }
 
-/// Sets version, URI form and Host for the upstream protocol.
-fn shape(
-    mut r: Request<UpBody>,
-    sender: &Sender,
-    authority: Option<&str>,
-    fallback: &str,
-) -> Request<UpBody> {
-    let pq = r
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    let auth = authority.unwrap_or(fallback);
+/// Sets version, URI form and Host for the upstream protocol. The authority
+/// is the client's (URI, else Host), else the server's address. An HTTP/2
+/// client's request to an HTTP/2 upstream passes unchanged (no allocation).
+fn shape(mut r: Request<UpBody>, sender: &Sender, fallback: &str) -> Request<UpBody> {
     if sender.is_h2() {
         *r.version_mut() = Version::HTTP_2;
         // An HTTP/2 client's URI is already absolute; build one only for
         // HTTP/1.1 clients (origin-form).
         if r.uri().scheme().is_none() || r.uri().authority().is_none() {
+            let auth = match r.uri().authority() {
+                Some(a) => a.as_str(),
+                None => r
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(fallback),
+            };
+            let pq = r.uri().path_and_query().map_or("/", |p| p.as_str());
             if let Ok(u) = format!("https://{auth}{pq}").parse() {
                 *r.uri_mut() = u;
             }
@@ -598,30 +611,33 @@ fn shape(
         r.headers_mut().remove(header::HOST);
     } else {
         *r.version_mut() = Version::HTTP_11;
-        if let Ok(u) = pq.parse() {
-            *r.uri_mut() = u;
-        }
         if !r.headers().contains_key(header::HOST) {
+            let auth = r.uri().authority().map_or(fallback, |a| a.as_str());
             if let Ok(v) = HeaderValue::from_str(auth) {
                 r.headers_mut().insert(header::HOST, v);
+            }
+        }
+        if r.uri().scheme().is_some() || r.uri().authority().is_some() {
+            let pq = r.uri().path_and_query().map_or("/", |p| p.as_str());
+            if let Ok(u) = pq.parse() {
+                *r.uri_mut() = u;
             }
         }
     }
     r
 }
 
-fn count(conn: &Conn, b: &crate::balancer::Backend, method: &str, status: StatusCode) {
-    conn.env
-        .metrics
-        .http_requests
-        .with_label_values(&[
-            &*conn.svc.name,
-            &*b.pool,
-            b.server.key.as_str(),
-            method,
-            status.as_str(),
-        ])
-        .inc();
+/// Counts a request answered for backend `i` (by it, or by apilb on its behalf).
+fn count(a: &Attempt<'_>, i: usize, status: StatusCode) {
+    let b = &a.route.pool.backends[i];
+    let labels = Labels {
+        frontend: &a.conn.svc.name,
+        pool: &b.pool,
+        server: &b.server.key,
+        method: a.method,
+        status,
+    };
+    a.route.handles.count(&a.conn.env.metrics, i, &labels);
 }
 
 /// Joins the client's and the apiserver's upgraded connections and copies

@@ -401,6 +401,11 @@ impl Upstream {
         upgrade: bool,
     ) -> Result<(Sender, Lease), ConnectError> {
         let slot = &self.slots[i][identity as usize];
+        // The common case: a free stream on an open connection, without
+        // registering with the slot's Notify (that takes its lock).
+        if let Some(s) = self.try_pooled(slot, backend, upgrade) {
+            return Ok(s);
+        }
         let limits = self.limits;
         let deadline = Instant::now() + limits.queue_timeout;
         let mut queued: Option<Queued> = None;

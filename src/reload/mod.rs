@@ -492,11 +492,7 @@ impl Reconciler {
             let kind = match (fe.mode, prep.http.remove(&fe.name)) {
                 (Mode::Http, Some((acceptor, upstream))) => {
                     let settings = fe.http.clone().expect("validated: http has settings");
-                    let route = http::Route {
-                        settings,
-                        pool: pool.clone(),
-                        upstream,
-                    };
+                    let route = http::Route::new(settings, pool.clone(), upstream);
                     FrontendKind::Http(Arc::new(http::Service {
                         name: name.clone(),
                         acceptor,
