@@ -180,8 +180,12 @@ fn check(path: &Path) -> ExitCode {
 }
 
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(w) = workers {
+    let mut b = if workers == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if let Some(w) = workers.filter(|w| *w > 1) {
         b.worker_threads(w);
     }
     b.enable_all()

@@ -43,7 +43,7 @@ impl Scale {
         let addrs: Vec<_> = fakes.iter().map(|f| f.addr()).collect();
         let ca = pki.ca_file.display();
         let yaml = format!(
-            "admin:\n  listen: 127.0.0.1:0\nshutdown_grace: 1s\nfrontends:\n  - name: fe\n    listen: 127.0.0.1:0\n    mode: http\n    pool: p\n    tls:\n      cert_file: {}\n      key_file: {}\n\
+            "admin:\n  listen: 127.0.0.1:0\nworkers: 1\nshutdown_grace: 1s\nfrontends:\n  - name: fe\n    listen: 127.0.0.1:0\n    mode: http\n    pool: p\n    tls:\n      cert_file: {}\n      key_file: {}\n\
              pools:\n  - name: p\n    servers:\n{}    tls:\n      ca_file: {ca}\n      server_name: kubernetes\n\
              \x20   health:\n      check: tcp\n      interval: 500ms\n      timeout: 250ms\n      rise: 1\n      fall: 2\n",
             dir.join("server.crt").display(),

@@ -83,6 +83,31 @@ impl Scanner {
         Event::Payload(p)
     }
 
+    /// Payload bytes of the current frame not yet fed (0 between frames),
+    /// or preface bytes still to skip.
+    pub fn skippable(&self) -> usize {
+        if self.skip > 0 {
+            self.skip
+        } else if self.head_len == 9 {
+            self.len - self.pos
+        } else {
+            0
+        }
+    }
+
+    /// Passes over `n` bytes (at most [`Scanner::skippable`]) without
+    /// looking at them: a frame's payload is walked in one step, not byte by byte.
+    pub fn skip(&mut self, n: usize) {
+        if self.skip > 0 {
+            self.skip -= n;
+            return;
+        }
+        self.pos += n;
+        if self.pos == self.len {
+            self.head_len = 0;
+        }
+    }
+
     pub fn frame_type(&self) -> u8 {
         self.head[3]
     }
@@ -128,8 +153,21 @@ impl<T> Watched<T> {
         }
     }
 
-    fn scan_read(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+    fn scan_read(&mut self, mut bytes: &[u8]) {
+        while let Some((&b, rest)) = bytes.split_first() {
+            // Only a GOAWAY's first four payload bytes matter: skip the rest.
+            let wanted = self.read.frame_type() == FRAME_GOAWAY && self.read.skippable() > 0 && {
+                let pos = self.read.len - self.read.skippable();
+                pos < 4
+            };
+            let n = self.read.skippable();
+            if n > 0 && !wanted {
+                let n = n.min(bytes.len());
+                self.read.skip(n);
+                bytes = &bytes[n..];
+                continue;
+            }
+            bytes = rest;
             match self.read.feed(b) {
                 Event::Head(t, flags) => {
                     let id = self.read.stream_id();
@@ -154,8 +192,15 @@ impl<T> Watched<T> {
         }
     }
 
-    fn scan_write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+    fn scan_write(&mut self, mut bytes: &[u8]) {
+        while let Some((&b, rest)) = bytes.split_first() {
+            let n = self.write.skippable().min(bytes.len());
+            if n > 0 {
+                self.write.skip(n);
+                bytes = &bytes[n..];
+                continue;
+            }
+            bytes = rest;
             if let Event::Head(t, _) = self.write.feed(b) {
                 let id = self.write.stream_id();
                 match t {
@@ -194,10 +239,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
             Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => {
                 self.at_eof()
             }
-            Poll::Ready(Ok(())) => {
-                let fresh = buf.filled()[before..].to_vec();
-                self.scan_read(&fresh);
-            }
+            Poll::Ready(Ok(())) => self.scan_read(&buf.filled()[before..]),
             Poll::Ready(Err(_)) => self.at_eof(),
             Poll::Pending => {}
         }
@@ -271,5 +313,28 @@ mod tests {
             state.unprocessed_at_eof.load(Relaxed),
             "only stream 5 is left"
         );
+    }
+
+    #[test]
+    fn payloads_skipped_in_bulk_at_any_split() {
+        let mut inp = frame(FRAME_DATA, 0, 1, &[7; 300]);
+        inp.extend(frame(FRAME_HEADERS, 4 | FLAG_END_STREAM, 1, b"h"));
+        inp.extend(frame(FRAME_GOAWAY, 0, 0, &[0, 0, 0, 9, 0, 0, 0, 0, 1, 2]));
+        inp.extend(frame(FRAME_DATA, FLAG_END_STREAM, 3, &[1; 40]));
+        for cut in 0..inp.len() {
+            let state = Arc::new(GoawayState::default());
+            let mut w = Watched::new((), state.clone());
+            let mut out = vec![b'P'; PREFACE_LEN];
+            out.extend(frame(FRAME_HEADERS, 4, 1, &[0; 100]));
+            out.extend(frame(FRAME_HEADERS, 4, 3, b"x"));
+            w.scan_write(&out[..cut.min(out.len())]);
+            w.scan_write(&out[cut.min(out.len())..]);
+            w.scan_read(&inp[..cut]);
+            w.scan_read(&inp[cut..]);
+            assert_eq!(w.last_stream_id, Some(9), "cut at {cut}");
+            assert!(w.open.is_empty(), "cut at {cut}: {:?}", w.open);
+            assert!(state.draining.load(Relaxed));
+            assert!(w.read.at_boundary() && w.write.at_boundary());
+        }
     }
 }

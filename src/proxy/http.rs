@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
+use super::coalesce::Coalesced;
 use super::h1guard::H1Guard;
 use super::handles::{Handles, Labels};
 use super::headers;
@@ -193,7 +194,10 @@ pub async fn serve_conn(
             .max_send_buf_size(upstream::MAX_SEND_BUF)
             .keep_alive_interval(H2_KEEPALIVE)
             .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
-        drive!(b.serve_connection(TokioIo::new(tls), service), env);
+        drive!(
+            b.serve_connection(TokioIo::new(Coalesced::new(tls)), service),
+            env
+        );
     } else {
         let io = H1Guard::new(tls, s.max_header_bytes, svc.metrics.clone());
         let mut b = hyper::server::conn::http1::Builder::new();

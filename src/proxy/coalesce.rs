@@ -1,0 +1,154 @@
+//! A write side that gathers what is written between two flushes and hands
+//! it to the stream below in one piece: hyper's HTTP/2 writer passes every
+//! DATA frame larger than 256 bytes as a write of its own, and under TLS each
+//! write is a record and a `writev`. Gathered, the responses of many streams
+//! leave in one record train and one system call per flush. A flush waits
+//! until the runtime has looked for I/O once more (as an event loop sends
+//! after handling every ready socket), so responses that arrive on other
+//! upstream connections in the meantime leave in the same write.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Bytes gathered before a write goes through without waiting for the flush.
+const GATHER: usize = 64 * 1024;
+/// A buffer that grew above this is freed once drained: idle connections
+/// (thousands of watches) hold none.
+const KEEP: usize = 16 * 1024;
+
+type Yield = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
+
+pub struct Coalesced<T> {
+    inner: T,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already written below.
+    sent: usize,
+    /// A flush waiting for the runtime's next turn.
+    turn: Option<Yield>,
+}
+
+impl<T> Coalesced<T> {
+    pub fn new(inner: T) -> Self {
+        Coalesced {
+            inner,
+            buf: Vec::new(),
+            sent: 0,
+            turn: None,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Coalesced<T> {
+    /// Writes every gathered byte below.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.buf.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.sent = 0;
+        if self.buf.capacity() > KEEP {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Coalesced<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(b)])
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.buf.len() >= GATHER {
+            ready!(this.poll_drain(cx))?;
+        }
+        let room = GATHER.saturating_sub(this.buf.len()).max(1);
+        let mut taken = 0;
+        for b in bufs {
+            let n = b.len().min(room - taken);
+            this.buf.extend_from_slice(&b[..n]);
+            taken += n;
+            if taken == room {
+                break;
+            }
+        }
+        Poll::Ready(Ok(taken))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.sent < self.buf.len() {
+            let turn = self
+                .turn
+                .get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
+            ready!(turn.as_mut().poll(cx));
+            self.turn = None;
+        }
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn writes_reach_the_peer_in_one_piece_at_flush() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut w = Coalesced::new(a);
+        for i in 0..50u8 {
+            w.write_all(&[i; 1000]).await.unwrap();
+        }
+        // Nothing has gone below before the flush.
+        let mut probe = [0u8; 1];
+        let early =
+            tokio::time::timeout(std::time::Duration::from_millis(50), b.read(&mut probe)).await;
+        assert!(early.is_err(), "bytes left before the flush");
+        w.flush().await.unwrap();
+        let mut got = vec![0u8; 50_000];
+        b.read_exact(&mut got).await.unwrap();
+        assert!(got
+            .chunks(1000)
+            .enumerate()
+            .all(|(i, c)| c.iter().all(|x| *x == i as u8)));
+        assert_eq!(w.buf.capacity(), 0, "a drained large buffer is freed");
+    }
+}
