@@ -329,6 +329,43 @@ fn spawn_pinned(name: &str, program: &Path, args: &[String], log: &Path) -> Proc
     Proc { child }
 }
 
+/// Three `nghttpd` (HTTP/2 over TLS, serving `/1k` from a directory) on CPU 0.
+struct Nghttpd {
+    addrs: Vec<SocketAddr>,
+    _procs: Vec<Proc>,
+}
+
+fn start_nghttpd(bin: &Path, dir: &Path, cert: &Path, key: &Path) -> Nghttpd {
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("1k"), vec![b's'; SMALL]).unwrap();
+    let mut addrs = Vec::new();
+    let mut procs = Vec::new();
+    for i in 0..3 {
+        let port = free_port();
+        let log = dir.join(format!("nghttpd-{i}.log"));
+        let child = Command::new("taskset")
+            .args(["-c", "0"])
+            .arg(bin)
+            .arg("-d")
+            .arg(&www)
+            .arg(port.to_string())
+            .arg(key)
+            .arg(cert)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start nghttpd: {e}"));
+        procs.push(Proc { child });
+        wait_listening(port, "nghttpd", &log);
+        addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    Nghttpd {
+        addrs,
+        _procs: procs,
+    }
+}
+
 fn servers(addrs: &[SocketAddr]) -> String {
     addrs.iter().map(|a| format!("      - {a}\n")).collect()
 }
@@ -908,6 +945,33 @@ fn main() {
     }
     let (p, ports) = start_apilb(d, &b, &ca_file, &cert, &key, true);
     extras.push(("apilb+checks".into(), p, ports));
+    // e: behind nghttpd when installed (C, fast enough that the proxy, not the
+    // backends, is measured); nginx cannot speak HTTP/2 upstream, so it has no
+    // arm there. Without nghttpd, e uses the in-process backends and every arm.
+    let nghttpd = have("nghttpd").map(|bin| start_nghttpd(&bin, d, &cert, &key));
+    let e_arms: Vec<(String, Option<Proc>, Ports)> = match &nghttpd {
+        Some(n) => {
+            let eb = Backends {
+                plain: b.plain.clone(),
+                tls: n.addrs.clone(),
+            };
+            let direct = Ports {
+                l7: n.addrs[0].port(),
+                ..Ports::default()
+            };
+            let mut v = vec![("direct".into(), None, direct)];
+            let dir_e = d.join("e");
+            std::fs::create_dir_all(&dir_e).unwrap();
+            let (p, ports) = start_apilb(&dir_e, &eb, &ca_file, &cert, &key, false);
+            v.push(("apilb".into(), Some(p), ports));
+            if let Some(bin) = &haproxy {
+                let (p, ports) = start_haproxy(bin, &dir_e, &eb, &pem, "");
+                v.push(("haproxy".into(), Some(p), ports));
+            }
+            v
+        }
+        None => Vec::new(),
+    };
 
     let mut r = Results::default();
     let secs = o.secs;
@@ -1064,7 +1128,8 @@ fn main() {
         if h2.is_some() && o.wants('e') {
             let warm = if o.quick { 0 } else { 3 };
             let mut direct = (f64::NAN, f64::NAN);
-            for (name, _, ports) in &arms {
+            let e_arms = if e_arms.is_empty() { &arms } else { &e_arms };
+            for (name, _, ports) in e_arms {
                 let url = format!("https://127.0.0.1:{}/1k", ports.l7);
                 let (rps, _, _) = h2load(secs, warm, 16, 32, &url, &d.join("h2.log"));
                 rec(&mut r, "e HTTP/2 L7", "req/s (c16 m32)", name, rps);
@@ -1154,7 +1219,7 @@ fn main() {
          Health checks off except in the `+checks` lines (2 s). HAProxy runs with `maxconn 7500` instead of the protocol's 50000, which would need 125,000 descriptors against this machine's hard limit of 20,000. nginx's L7 arm speaks HTTP/1.1 keep-alive upstream (nginx 1.22 cannot do HTTP/2 upstream) with `keepalive 1024` idle upstream connections and `keepalive_requests` raised (its default of 1,000 closes busy HTTP/2 client connections mid-run); apilb and HAProxy use HTTP/2 upstream. Scenario d starts fresh proxy processes each round: a process that once held 5,000 connections keeps its heap. \
          Latency rows are microseconds added over the direct arm; their ratio columns are apilb's added latency ÷ the other's.\n\n\
          Versions: apilb {apilb} · {haproxy} · {nginx} · {wrk} · {h2load} · open files limit {nofile}.\n\
-         {sysctl}{skipped}\n\
+         {e_backends}\n{sysctl}{skipped}\n\
          {table}\n\
          Whole run: {total:.0} s.\n",
         date = version("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
@@ -1167,6 +1232,11 @@ fn main() {
         nginx = version("nginx", &["-v"]),
         wrk = version("wrk", &["--version"]).split(" Copyright").next().unwrap_or(""),
         h2load = version("h2load", &["--version"]),
+        e_backends = if nghttpd.is_some() {
+            format!("Scenario e: the backends are three `nghttpd` ({}) serving a 1 KiB file over TLS HTTP/2 on CPU 0, so the direct arm is far above any proxy; nginx has no e arm (no HTTP/2 upstream).", version("nghttpd", &["--version"]))
+        } else {
+            "Scenario e: nghttpd is not installed; e uses the in-process backends, which saturate before HAProxy does.".to_string()
+        },
         sysctl = if sysctl_notes.is_empty() { String::new() } else { format!("Sysctls: {}.\n", sysctl_notes.join("; ")) },
         skipped = if skipped.is_empty() { String::new() } else { format!("Skipped: {}.\n", skipped.join("; ")) },
         total = started.elapsed().as_secs_f64(),

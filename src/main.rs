@@ -10,6 +10,11 @@ use anyhow::Context;
 use apilb::config::{self, ConfigError};
 use apilb::handover::{self, Startup};
 use clap::{Parser, Subcommand, ValueEnum};
+
+/// mimalloc: per-thread free lists instead of glibc's arenas (the L7 path
+/// allocates per request; see docs/performance.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
