@@ -41,6 +41,8 @@ fn bench_pick(c: &mut Criterion) {
         ("round-robin", 16),
         ("least-connections", 3),
         ("least-connections", 16),
+        ("round-robin", 1000),
+        ("least-connections", 1000),
     ] {
         let p = pool(balance, n, &m);
         c.bench_function(&format!("pick {balance} {n} servers"), |b| {

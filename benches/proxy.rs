@@ -1203,7 +1203,8 @@ fn main() {
         [
             ("APILB_BENCH_QUICK", o.quick.then(|| "1".to_string())),
             ("APILB_BENCH_SECS", std::env::var("APILB_BENCH_SECS").ok()),
-            ("APILB_BENCH_RUNS", std::env::var("APILB_BENCH_RUNS").ok())
+            ("APILB_BENCH_RUNS", std::env::var("APILB_BENCH_RUNS").ok()),
+            ("APILB_BENCH_ONLY", std::env::var("APILB_BENCH_ONLY").ok())
         ]
         .iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v} ")))

@@ -73,11 +73,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Coalesced<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        b: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
         self.poll_write_vectored(cx, &[IoSlice::new(b)])
     }
 
