@@ -21,7 +21,24 @@ use crate::config::ForwardedFor;
 const IDENTITY_PREFIX: &str = "x-remote-";
 
 /// Headers from which the apiserver's audit log takes `sourceIPs`.
-const FORWARDING: [&str; 3] = ["x-forwarded-for", "x-real-ip", "forwarded"];
+/// (Names are parsed once, here: a `&str` lookup parses it on every request.)
+const FORWARDING: [HeaderName; 3] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("forwarded"),
+];
+const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// Hop-by-hop headers that are always removed (RFC 9110 §7.6.1 and the
+/// proxy-* ones).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
 
 /// Headers that concern one hop only (RFC 9110 §7.6.1), plus those named in Connection.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
@@ -38,15 +55,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         }
         h.remove(n);
     }
-    for n in [
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "proxy-authorization",
-        "proxy-authenticate",
-    ] {
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
     if keep_upgrade {
@@ -86,19 +95,19 @@ pub fn forwarded_value(client: IpAddr) -> HeaderValue {
 pub fn set_forwarded_for(h: &mut HeaderMap, ip: &HeaderValue, mode: ForwardedFor) {
     let prev: Vec<&[u8]> = match mode {
         ForwardedFor::Replace => {
-            for n in FORWARDING {
+            for n in &FORWARDING {
                 h.remove(n);
             }
             Vec::new()
         }
         ForwardedFor::Append => h
-            .get_all("x-forwarded-for")
+            .get_all(&XFF)
             .iter()
             .map(HeaderValue::as_bytes)
             .collect(),
     };
     if prev.is_empty() {
-        h.insert("x-forwarded-for", ip.clone());
+        h.insert(XFF, ip.clone());
         return;
     }
     let mut v = prev.join(&b", "[..]);
@@ -106,7 +115,7 @@ pub fn set_forwarded_for(h: &mut HeaderMap, ip: &HeaderValue, mode: ForwardedFor
     v.extend_from_slice(ip.as_bytes());
     // A client value that is no valid header value: keep only ours.
     let v = HeaderValue::from_bytes(&v).unwrap_or_else(|_| ip.clone());
-    h.insert("x-forwarded-for", v);
+    h.insert(XFF, v);
 }
 
 /// A client identity from a verified certificate: user (CN) and groups (O).
