@@ -100,11 +100,7 @@ pub fn set_forwarded_for(h: &mut HeaderMap, ip: &HeaderValue, mode: ForwardedFor
             }
             Vec::new()
         }
-        ForwardedFor::Append => h
-            .get_all(&XFF)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect(),
+        ForwardedFor::Append => h.get_all(&XFF).iter().map(HeaderValue::as_bytes).collect(),
     };
     if prev.is_empty() {
         h.insert(XFF, ip.clone());
