@@ -421,9 +421,11 @@ vip:
     /// `apilb_vip_leader` as node `i` reports it (from this process, on its own address).
     async fn leader_metric(&self, i: usize) -> Option<f64> {
         let addr = SocketAddr::from((self.ip(11 + i as u8), ADMIN_PORT));
+        // A node still starting refuses the connection: not an answer yet.
         let (code, body) =
-            tokio::time::timeout(Duration::from_secs(1), admin_get(addr, "/metrics"))
+            tokio::time::timeout(Duration::from_secs(1), try_http(addr, "GET", "/metrics"))
                 .await
+                .ok()?
                 .ok()?;
         if code != 200 {
             return None;
