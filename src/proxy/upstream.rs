@@ -423,7 +423,9 @@ impl Upstream {
                 // Released even when this request is dropped mid-connect
                 // (its client left): others must not wait for it forever.
                 let _opener = (!h1).then(|| Opener(slot.clone()));
-                let r = self.open(slot, backend, identity, upgrade).await;
+                // Boxed: the connect/handshake future is large and rare;
+                // inline, it would make every request's future that large.
+                let r = Box::pin(self.open(slot, backend, identity, upgrade)).await;
                 drop(_opener);
                 match r? {
                     Some(s) => return Ok(s),
