@@ -522,7 +522,10 @@ impl Upstream {
             return Ok(Some((Sender::H1(send), lease)));
         }
         let goaway = Arc::new(GoawayState::default());
-        let io = TokioIo::new(Watched::new(io.into_inner(), goaway.clone()));
+        // Boxed: hyper spawns a task per request whose future type is as
+        // large as the connection's (an enum with the connection task in it),
+        // so the TLS state inline here was copied on every request.
+        let io = TokioIo::new(Box::pin(Watched::new(io.into_inner(), goaway.clone())));
         let (send, conn) = h2_builder()
             .handshake(io)
             .await
