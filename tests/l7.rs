@@ -652,3 +652,98 @@ async fn a_watch_to_a_hung_backend_ends_after_close_after_down_and_streams_are_c
     l7.h.shutdown();
     l7.h.wait().await;
 }
+
+/// POSTs `n` bytes to the fake, which answers with the length it read.
+async fn post_len<B>(send: &mut B, n: usize, h2: bool, addr: SocketAddr) -> u64
+where
+    B: PostSender,
+{
+    let uri = if h2 {
+        format!("https://{addr}/api/v1/namespaces/default/configmaps")
+    } else {
+        "/api/v1/namespaces/default/configmaps".to_string()
+    };
+    let req = hyper::Request::post(uri)
+        .header("host", "kubernetes")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(vec![b'x'; n])))
+        .unwrap();
+    let resp = send.post(req).await;
+    assert_eq!(resp.status(), 200, "POST of {n} bytes");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v["bodyBytes"].as_u64().unwrap()
+}
+
+trait PostSender {
+    async fn post(
+        &mut self,
+        r: hyper::Request<http_body_util::Full<Bytes>>,
+    ) -> hyper::Response<hyper::body::Incoming>;
+}
+
+impl PostSender for hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>> {
+    async fn post(
+        &mut self,
+        r: hyper::Request<http_body_util::Full<Bytes>>,
+    ) -> hyper::Response<hyper::body::Incoming> {
+        self.send_request(r).await.unwrap()
+    }
+}
+
+impl PostSender for hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>> {
+    async fn post(
+        &mut self,
+        r: hyper::Request<http_body_util::Full<Bytes>>,
+    ) -> hyper::Response<hyper::body::Incoming> {
+        self.send_request(r).await.unwrap()
+    }
+}
+
+/// Request bodies cross apilb whole: 60 KiB (kept for a resend) and 8 MiB
+/// (streamed in the apiserver's 256 KiB stream window), from HTTP/2 and
+/// HTTP/1.1 clients, to HTTP/2 apiservers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_of_60_kib_and_8_mib_arrive_whole_from_http1_and_http2_clients() {
+    let l7 = L7::start(false, "https", "").await;
+    let name = rustls::pki_types::ServerName::try_from("kubernetes").unwrap();
+    let tcp = TcpStream::connect(l7.addr()).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(l7.tls(None, &[b"h2"]))
+        .connect(name.clone(), tcp)
+        .await
+        .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let tcp = TcpStream::connect(l7.addr()).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(l7.tls(None, &[b"http/1.1"]))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for n in [0, 60 * 1024, 8 * 1024 * 1024] {
+        let got = tokio::time::timeout(
+            Duration::from_secs(20),
+            post_len(&mut h2, n, true, l7.addr()),
+        )
+        .await
+        .expect("HTTP/2 POST within 20 s");
+        assert_eq!(got, n as u64, "HTTP/2 client, {n} bytes");
+        let got = tokio::time::timeout(
+            Duration::from_secs(20),
+            post_len(&mut h1, n, false, l7.addr()),
+        )
+        .await
+        .expect("HTTP/1.1 POST within 20 s");
+        assert_eq!(got, n as u64, "HTTP/1.1 client, {n} bytes");
+    }
+    l7.h.shutdown();
+    l7.h.wait().await;
+}

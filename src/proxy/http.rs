@@ -459,7 +459,7 @@ impl Body for Prefixed {
 }
 
 type Forwarded = (
-    Response<Incoming>,
+    Response<upstream::RespIn>,
     Arc<crate::balancer::Backend>,
     ActiveGuard,
     Lease,
@@ -482,7 +482,8 @@ async fn forward(
     let mut tried: Vec<usize> = Vec::new();
     let mut refusals = 0;
     let mut last_error = String::new();
-    let mut spare: Option<Request<UpBody>> = None;
+    // A body the last attempt gave back unsent.
+    let mut spare: Option<UpBody> = None;
     while tried.len() < cfg.connect_attempts as usize && refusals <= MAX_REFUSALS {
         let Some(i) = pool.pick(&tried) else { break };
         let b = &pool.backends[i];
@@ -503,13 +504,10 @@ async fn forward(
         b.metrics
             .connect_duration
             .observe(t0.elapsed().as_secs_f64());
-        let out = match spare.take() {
-            Some(r) => r,
-            None => match body.next() {
-                Some(bd) => rebuild(&head, bd),
-                None => break,
-            },
+        let Some(bd) = spare.take().or_else(|| body.next()) else {
+            break;
         };
+        let out = rebuild(&head, bd);
         let out = shape(out, &sender, &b.server.key);
         let send = Upstream::send(&mut sender, out);
         let result = if a.long {
@@ -541,7 +539,7 @@ async fn forward(
                 b.metrics.refused_retried.inc();
                 last_error = format!("upstream refused the request: {e}");
                 debug!(backend.addr = %b.server.key, error = %e, "request refused unprocessed; sending it again");
-                spare = back.map(|b| *b);
+                spare = back;
             }
             Err(SendError::Failed(_)) if a.fault.is_set() => {
                 return Err(local(StatusCode::BAD_REQUEST, "malformed request body"));
@@ -706,7 +704,7 @@ impl Drop for GaugeGuard {
 /// non-long-running response brings no data for request_timeout. The client
 /// sees RST_STREAM (HTTP/2) or a close without the last chunk (HTTP/1.1).
 struct Tracked {
-    body: Incoming,
+    body: upstream::RespIn,
     closed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     idle_limit: Option<Duration>,
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -749,7 +747,7 @@ impl Body for Tracked {
         match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Ready(f) => {
                 self.moved = true;
-                Poll::Ready(f.map(|r| r.map_err(Into::into)))
+                Poll::Ready(f)
             }
             Poll::Pending => self.poll_idle(cx),
         }

@@ -28,9 +28,10 @@ use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -46,6 +47,7 @@ use crate::tls::{self, ClientMaterial, TlsError};
 
 /// The body type apilb sends upstream.
 pub type UpBody = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Streams per upstream HTTP/2 connection at most, even when the server
 /// allows more (kube-apiserver advertises 100).
@@ -76,13 +78,13 @@ pub enum Identity {
     FrontProxy,
 }
 
-/// One upstream HTTP/2 connection and its stream count.
+/// One upstream HTTP/2 connection and its stream count. Spoken through
+/// the h2 crate directly: hyper's client adds a channel, a oneshot and a
+/// spawned task per request in front of it.
 pub struct H2Conn {
-    send: http2::SendRequest<UpBody>,
+    send: h2::client::SendRequest<Bytes>,
     inflight: AtomicUsize,
-    /// The server's SETTINGS_MAX_CONCURRENT_STREAMS as last seen.
-    peer_max: Arc<AtomicUsize>,
-    /// A stream refused: no new streams.
+    /// A stream refused, or the connection ended: no new streams.
     draining: AtomicBool,
     /// GOAWAY seen (no new streams), and how the connection ended.
     goaway: Arc<GoawayState>,
@@ -90,13 +92,14 @@ pub struct H2Conn {
 
 impl H2Conn {
     fn try_take(&self) -> bool {
-        if self.draining.load(Relaxed)
-            || self.goaway.draining.load(Relaxed)
-            || self.send.is_closed()
-        {
+        if self.draining.load(Relaxed) || self.goaway.draining.load(Relaxed) {
             return false;
         }
-        let cap = self.peer_max.load(Relaxed).min(MAX_STREAMS_PER_CONN);
+        // The server's SETTINGS_MAX_CONCURRENT_STREAMS as last seen.
+        let cap = self
+            .send
+            .current_max_send_streams()
+            .min(MAX_STREAMS_PER_CONN);
         self.inflight
             .fetch_update(Relaxed, Relaxed, |n| (n < cap).then_some(n + 1))
             .is_ok()
@@ -255,6 +258,8 @@ pub enum ConnectError {
     Tls(std::io::Error),
     #[error("http handshake: {0}")]
     Handshake(hyper::Error),
+    #[error("http/2 handshake: {0}")]
+    H2Handshake(h2::Error),
     #[error("front-proxy identity requested but pools[].tls has no front_proxy_cert_file")]
     NoFrontProxy,
     #[error("{0}")]
@@ -270,7 +275,9 @@ impl ConnectError {
     pub fn fault(&self) -> Fault {
         match self {
             ConnectError::Tcp(e) | ConnectError::Tls(e) => net::classify(e),
-            ConnectError::Timeout(_) | ConnectError::Handshake(_) => Fault::Backend,
+            ConnectError::Timeout(_)
+            | ConnectError::Handshake(_)
+            | ConnectError::H2Handshake(_) => Fault::Backend,
             ConnectError::NoFrontProxy
             | ConnectError::Name(_)
             | ConnectError::QueueFull(_)
@@ -292,10 +299,10 @@ impl ConnectError {
 pub enum SendError {
     /// The server refused it unprocessed (REFUSED_STREAM, a stream above
     /// GOAWAY's last-stream-id, or it was never sent): safe to resend for
-    /// every method. Carries the request when hyper gave it back.
-    Refused(Option<Box<Request<UpBody>>>, hyper::Error),
+    /// every method. Carries the request body when it was never sent.
+    Refused(Option<UpBody>, BoxError),
     /// Anything else: the request may have been processed.
-    Failed(hyper::Error),
+    Failed(BoxError),
 }
 
 fn clients(material: impl Fn() -> Result<ClientMaterial, TlsError>) -> Result<Clients, TlsError> {
@@ -522,25 +529,17 @@ impl Upstream {
             return Ok(Some((Sender::H1(send), lease)));
         }
         let goaway = Arc::new(GoawayState::default());
-        // Boxed: hyper spawns a task per request whose future type is as
-        // large as the connection's (an enum with the connection task in it),
-        // so the TLS state inline here was copied on every request.
-        let io = TokioIo::new(Box::pin(Watched::new(io.into_inner(), goaway.clone())));
+        let io = Box::pin(Watched::new(io.into_inner(), goaway.clone()));
         let (send, conn) = h2_builder()
             .handshake(io)
             .await
-            .map_err(ConnectError::Handshake)?;
+            .map_err(ConnectError::H2Handshake)?;
         let c = Arc::new(H2Conn {
             send,
             inflight: AtomicUsize::new(0),
-            peer_max: Arc::new(AtomicUsize::new(MAX_STREAMS_PER_CONN)),
             draining: AtomicBool::new(false),
             goaway,
         });
-        let watch = PeerMax {
-            conn,
-            max: c.peer_max.clone(),
-        };
         let weak = Arc::downgrade(slot);
         let me = Arc::downgrade(&c);
         slot.h2.rcu(|v| {
@@ -549,7 +548,7 @@ impl Upstream {
             v
         });
         tokio::spawn(async move {
-            if let Err(e) = watch.await {
+            if let Err(e) = drive(conn, H2_KEEPALIVE, H2_KEEPALIVE_TIMEOUT).await {
                 debug!(backend.addr = %server, error = %e, "upstream h2 connection ended");
             }
             forget(weak, me);
@@ -579,57 +578,203 @@ impl Upstream {
     pub async fn send(
         sender: &mut Sender,
         req: Request<UpBody>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let r = match sender {
-            Sender::H2(c, _) => c.send.clone().try_send_request(req).await,
-            Sender::H1(s) => s.try_send_request(req).await,
-        };
-        r.map_err(|mut e| {
-            let msg = e.take_message();
-            let err = e.into_error();
-            let unprocessed = match sender {
-                Sender::H2(c, _) => c.goaway.unprocessed_at_eof.load(Relaxed),
-                Sender::H1(_) => false,
-            };
-            if msg.is_some() || unprocessed || refused(&err) {
-                if let Sender::H2(c, slot) = sender {
+    ) -> Result<Response<RespIn>, SendError> {
+        match sender {
+            Sender::H1(s) => s
+                .try_send_request(req)
+                .await
+                .map(|r| r.map(RespIn::H1))
+                .map_err(|mut e| match e.take_message() {
+                    Some(m) => SendError::Refused(Some(m.into_body()), e.into_error().into()),
+                    None => SendError::Failed(e.into_error().into()),
+                }),
+            Sender::H2(c, slot) => {
+                let r = send_h2(c, req).await;
+                if let Err(SendError::Refused(..)) = &r {
                     c.draining.store(true, Relaxed);
                     slot.remove_h2(c);
                 }
-                SendError::Refused(msg.map(Box::new), err)
-            } else {
-                SendError::Failed(err)
+                r
             }
-        })
+        }
     }
 }
 
-fn h2_builder() -> http2::Builder<TokioExecutor> {
-    let mut b = http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE)
-        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-        .initial_stream_window_size(STREAM_WINDOW)
+/// One request on an HTTP/2 connection. A body streams from a task of its
+/// own; an empty one ends the stream with the headers.
+async fn send_h2(c: &H2Conn, req: Request<UpBody>) -> Result<Response<RespIn>, SendError> {
+    let (parts, body) = req.into_parts();
+    let eos = body.is_end_stream();
+    let (resp, tx) = match c
+        .send
+        .clone()
+        .send_request(Request::from_parts(parts, ()), eos)
+    {
+        Ok(x) => x,
+        // Nothing left apilb: the connection is going away or closed.
+        Err(e) => return Err(SendError::Refused(Some(body), e.into())),
+    };
+    if !eos {
+        tokio::spawn(pipe(body, tx));
+    }
+    match resp.await {
+        Ok(r) => Ok(r.map(|b| RespIn::H2(H2Body(b)))),
+        Err(e) if refused(&e) || c.goaway.unprocessed_at_eof.load(Relaxed) => {
+            Err(SendError::Refused(None, e.into()))
+        }
+        Err(e) => Err(SendError::Failed(e.into())),
+    }
+}
+
+/// Copies a request body onto its HTTP/2 stream within the stream's send
+/// window; a broken body or a reset stream ends it with RST_STREAM.
+async fn pipe(mut body: UpBody, mut tx: h2::SendStream<Bytes>) {
+    let r: Result<(), BoxError> = async {
+        loop {
+            let frame = tokio::select! {
+                f = body.frame() => f,
+                r = std::future::poll_fn(|cx| tx.poll_reset(cx)) => {
+                    return Err(format!("the server reset the stream: {r:?}").into());
+                }
+            };
+            let Some(frame) = frame else {
+                tx.send_data(Bytes::new(), true)?;
+                return Ok(());
+            };
+            match frame?.into_data() {
+                Ok(data) => send_data(&mut tx, data).await?,
+                Err(f) => {
+                    if let Ok(t) = f.into_trailers() {
+                        tx.send_trailers(t)?;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = r {
+        debug!(error = %e, "upstream request body ended early");
+        tx.send_reset(h2::Reason::CANCEL);
+    }
+}
+
+/// Sends one chunk as the server's window allows.
+async fn send_data(tx: &mut h2::SendStream<Bytes>, mut data: Bytes) -> Result<(), BoxError> {
+    while !data.is_empty() {
+        tx.reserve_capacity(data.len());
+        let n = match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
+            Some(n) => n?,
+            None => return Err("the stream closed".into()),
+        };
+        if n > 0 {
+            tx.send_data(data.split_to(n.min(data.len())), false)?;
+        }
+    }
+    Ok(())
+}
+
+/// A response body from a backend, over either protocol.
+pub enum RespIn {
+    H1(Incoming),
+    H2(H2Body),
+}
+
+/// An HTTP/2 response body: data gives its flow-control window back as it
+/// is taken, then trailers.
+pub struct H2Body(h2::RecvStream);
+
+impl Body for RespIn {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RespIn::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RespIn::H2(H2Body(r)) => {
+                if !r.is_end_stream() {
+                    match std::task::ready!(r.poll_data(cx)) {
+                        Some(Ok(d)) => {
+                            let _ = r.flow_control().release_capacity(d.len());
+                            return Poll::Ready(Some(Ok(Frame::data(d))));
+                        }
+                        Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                        None => {}
+                    }
+                }
+                r.poll_trailers(cx).map(|t| {
+                    t.transpose()
+                        .map(|t| t.map(Frame::trailers).map_err(Into::into))
+                })
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespIn::H1(b) => b.is_end_stream(),
+            RespIn::H2(H2Body(r)) => r.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespIn::H1(b) => b.size_hint(),
+            RespIn::H2(_) => SizeHint::default(),
+        }
+    }
+}
+
+fn h2_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .initial_max_send_streams(MAX_STREAMS_PER_CONN)
         .max_frame_size(MAX_FRAME)
-        .max_send_buf_size(MAX_SEND_BUF)
+        .max_send_buffer_size(MAX_SEND_BUF)
         .max_header_list_size(MAX_HEADER_LIST);
     b
 }
 
 /// Whether the server refused a request unprocessed: REFUSED_STREAM, or a
 /// GOAWAY whose last-stream-id is below the stream (RFC 9113 §8.7).
-fn refused(e: &hyper::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = src {
-        if let Some(h) = s.downcast_ref::<h2::Error>() {
-            return h.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h.is_go_away() && h.is_remote());
+fn refused(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
+}
+
+/// Drives an HTTP/2 connection until it ends, and PINGs the server every
+/// `every` ([`H2_KEEPALIVE`]): no PONG within `wait` ends a connection to a
+/// dead apiserver.
+async fn drive<T>(
+    mut conn: h2::client::Connection<T, Bytes>,
+    every: Duration,
+    wait: Duration,
+) -> Result<(), BoxError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut pings = conn.ping_pong();
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            r = &mut conn => return r.map_err(Into::into),
+            _ = tick.tick() => {}
         }
-        src = s.source();
+        let Some(p) = pings.as_mut() else { continue };
+        let pong = tokio::time::timeout(wait, p.ping(h2::Ping::opaque()));
+        tokio::select! {
+            r = &mut conn => return r.map_err(Into::into),
+            r = pong => match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(format!("no PING answer within {wait:?}").into()),
+            }
+        }
     }
-    false
 }
 
 /// Removes a closed connection from its pool and wakes waiters.
@@ -706,23 +851,39 @@ impl Drop for Queued {
     }
 }
 
-/// Drives an HTTP/2 connection and publishes the server's current
-/// SETTINGS_MAX_CONCURRENT_STREAMS after every poll.
-struct PeerMax<C> {
-    conn: C,
-    max: Arc<AtomicUsize>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl<T> std::future::Future for PeerMax<http2::Connection<T, UpBody, TokioExecutor>>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    type Output = hyper::Result<()>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let r = Pin::new(&mut self.conn).poll(cx);
-        let n = self.conn.current_max_send_streams();
-        self.max.store(n, Relaxed);
-        r
+    /// A server that completes the HTTP/2 handshake and then stops reading
+    /// (a hung apiserver): the connection ends at the PING deadline; one that
+    /// keeps answering stays up.
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_stops_answering_pings_ends_the_connection() {
+        for hung in [true, false] {
+            let (a, b) = tokio::io::duplex(1 << 16);
+            let server = tokio::spawn(async move {
+                let mut s = h2::server::handshake(b).await.unwrap();
+                if hung {
+                    std::future::pending::<()>().await;
+                }
+                while s.accept().await.is_some() {}
+            });
+            let (_send, conn) = h2_builder().handshake::<_, Bytes>(a).await.unwrap();
+            let every = Duration::from_secs(30);
+            let wait = Duration::from_secs(20);
+            let t0 = Instant::now();
+            let r = tokio::time::timeout(Duration::from_secs(300), drive(conn, every, wait)).await;
+            if hung {
+                let e = r
+                    .expect("ends on its own")
+                    .expect_err("a hung server is an error");
+                assert!(e.to_string().contains("no PING answer"), "{e}");
+                assert_eq!(t0.elapsed(), every + wait);
+            } else {
+                assert!(r.is_err(), "a live server's connection stays up for 300 s");
+            }
+            server.abort();
+        }
     }
 }
