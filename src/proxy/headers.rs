@@ -42,6 +42,17 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Headers that concern one hop only (RFC 9110 §7.6.1), plus those named in Connection.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // One pass over a typical head of a few headers is cheaper than hashing
+    // every name to remove: most requests and responses carry none of them.
+    let present = h.keys().any(|k| {
+        k == header::CONNECTION || k == header::UPGRADE || HOP_BY_HOP.iter().any(|n| n == k)
+    });
+    if !present {
+        if keep_upgrade {
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        }
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -95,8 +106,10 @@ pub fn forwarded_value(client: IpAddr) -> HeaderValue {
 pub fn set_forwarded_for(h: &mut HeaderMap, ip: &HeaderValue, mode: ForwardedFor) {
     let prev: Vec<&[u8]> = match mode {
         ForwardedFor::Replace => {
-            for n in &FORWARDING {
-                h.remove(n);
+            if h.keys().any(|k| FORWARDING.iter().any(|n| n == k)) {
+                for n in &FORWARDING {
+                    h.remove(n);
+                }
             }
             Vec::new()
         }

@@ -353,12 +353,13 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
             .duration(&conn.env.metrics, &conn.svc.name, method);
         (started, h)
     });
-    let closed = Box::pin(b.kill_token().cancelled_owned());
+    let kill = b.kill_token();
     let idle_limit = (!long).then_some(rt.settings.request_timeout);
     resp.map(|body| {
         Tracked {
             body,
-            closed,
+            kill,
+            closed: None,
             idle_limit,
             idle: None,
             moved: true,
@@ -705,7 +706,10 @@ impl Drop for GaugeGuard {
 /// sees RST_STREAM (HTTP/2) or a close without the last chunk (HTTP/1.1).
 struct Tracked {
     body: upstream::RespIn,
-    closed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    kill: tokio_util::sync::CancellationToken,
+    /// Registered with `kill` only once the body has to wait: a response
+    /// that is already there costs no waiter (a lock and an allocation).
+    closed: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
     idle_limit: Option<Duration>,
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A frame came since the idle timer was last armed.
@@ -741,7 +745,7 @@ impl Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.closed.as_mut().poll(cx).is_ready() {
+        if self.kill.is_cancelled() {
             return Poll::Ready(Some(Err(Cut::BackendClosed.into())));
         }
         match Pin::new(&mut self.body).poll_frame(cx) {
@@ -749,7 +753,17 @@ impl Body for Tracked {
                 self.moved = true;
                 Poll::Ready(f)
             }
-            Poll::Pending => self.poll_idle(cx),
+            Poll::Pending => {
+                let this = &mut *self;
+                let kill = &this.kill;
+                let closed = this
+                    .closed
+                    .get_or_insert_with(|| Box::pin(kill.clone().cancelled_owned()));
+                if closed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(Cut::BackendClosed.into())));
+                }
+                self.poll_idle(cx)
+            }
         }
     }
 
