@@ -747,3 +747,58 @@ async fn request_bodies_of_60_kib_and_8_mib_arrive_whole_from_http1_and_http2_cl
     l7.h.shutdown();
     l7.h.wait().await;
 }
+
+/// An HTTP/1.1 Host that makes no URI cannot go to an HTTP/2 apiserver: it
+/// is answered 400 by apilb, and it costs no upstream connection (before,
+/// h2 refused it and each such request retired up to six connections).
+#[tokio::test]
+async fn a_host_that_makes_no_uri_is_a_400_and_retires_no_upstream_connection() {
+    let l7 = L7::start(false, "tcp", "").await;
+    let served = |l7: &L7| l7.fakes.iter().map(|f| f.requests()).sum::<usize>();
+    let conns = |m: &str, l7: &L7| -> f64 {
+        l7.fakes
+            .iter()
+            .map(|f| {
+                let s = format!(
+                    "apilb_backend_upstream_connections{{pool=\"p\",server=\"{}\"}}",
+                    f.addr()
+                );
+                metric(m, &s).unwrap_or(0.0)
+            })
+            .sum()
+    };
+    let get = |host: &'static str| {
+        format!("GET /version HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+    };
+    let ask = |req: String| {
+        let l7 = &l7;
+        async move {
+            let mut s = l7.raw().await;
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut resp = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut resp))
+                .await
+                .expect("an answer within 5 s")
+                .unwrap();
+            String::from_utf8_lossy(&resp).into_owned()
+        }
+    };
+    for _ in 0..3 {
+        assert!(ask(get("kubernetes")).await.starts_with("HTTP/1.1 200"));
+    }
+    let admin = l7.h.admin_addr().unwrap();
+    let before = conns(&admin_get(admin, "/metrics").await.1, &l7);
+    assert!(before >= 1.0, "the valid requests opened connections");
+    let served_before = served(&l7);
+    for _ in 0..10 {
+        let text = ask(get("a b")).await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+        assert!(text.contains("Host header"), "{text}");
+    }
+    assert_eq!(served(&l7), served_before, "nothing reached a backend");
+    let after = conns(&admin_get(admin, "/metrics").await.1, &l7);
+    assert_eq!(after, before, "upstream connections were retired");
+    assert!(ask(get("kubernetes")).await.starts_with("HTTP/1.1 200"));
+    l7.h.shutdown();
+    l7.h.wait().await;
+}

@@ -509,7 +509,12 @@ async fn forward(
             break;
         };
         let out = rebuild(&head, bd);
-        let out = shape(out, &sender, &b.server.key);
+        let Some(out) = shape(out, &sender, &b.server.key) else {
+            return Err(local(
+                StatusCode::BAD_REQUEST,
+                "the Host header is not a valid authority",
+            ));
+        };
         let send = Upstream::send(&mut sender, out);
         let result = if a.long {
             send.await
@@ -592,7 +597,8 @@ fn rebuild(head: &Request<()>, body: UpBody) -> Request<UpBody> {
 /// Sets version, URI form and Host for the upstream protocol. The authority
 /// is the client's (URI, else Host), else the server's address. An HTTP/2
 /// client's request to an HTTP/2 upstream passes unchanged (no allocation).
-fn shape(mut r: Request<UpBody>, sender: &Sender, fallback: &str) -> Request<UpBody> {
+/// `None`: the client's Host makes no URI (HTTP/2 needs one).
+fn shape(mut r: Request<UpBody>, sender: &Sender, fallback: &str) -> Option<Request<UpBody>> {
     if sender.is_h2() {
         *r.version_mut() = Version::HTTP_2;
         // An HTTP/2 client's URI is already absolute; build one only for
@@ -607,9 +613,7 @@ fn shape(mut r: Request<UpBody>, sender: &Sender, fallback: &str) -> Request<UpB
                     .unwrap_or(fallback),
             };
             let pq = r.uri().path_and_query().map_or("/", |p| p.as_str());
-            if let Ok(u) = format!("https://{auth}{pq}").parse() {
-                *r.uri_mut() = u;
-            }
+            *r.uri_mut() = format!("https://{auth}{pq}").parse().ok()?;
         }
         r.headers_mut().remove(header::HOST);
     } else {
@@ -627,7 +631,7 @@ fn shape(mut r: Request<UpBody>, sender: &Sender, fallback: &str) -> Request<UpB
             }
         }
     }
-    r
+    Some(r)
 }
 
 /// Counts a request answered for backend `i` (by it, or by apilb on its behalf).

@@ -18,7 +18,7 @@
 //! window times the stream limit, so unread streams never block the others.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -61,6 +61,10 @@ pub const CONN_WINDOW: u32 = STREAM_WINDOW * MAX_STREAMS_PER_CONN as u32;
 pub const MAX_SEND_BUF: usize = 64 * 1024;
 /// Largest response header list accepted from a backend.
 pub const MAX_HEADER_LIST: u32 = 256 * 1024;
+/// Streams one upstream HTTP/2 connection carries before it retires: a
+/// client's stream IDs are odd 31-bit numbers (about 2^30 of them), and a
+/// busy connection reaches that in days.
+const STREAMS_PER_CONN_LIFETIME: u32 = 1 << 29;
 /// Largest frame apilb accepts from a backend.
 const MAX_FRAME: u32 = 64 * 1024;
 /// Idle HTTP/1.1 connections kept per backend and identity.
@@ -84,6 +88,8 @@ pub enum Identity {
 pub struct H2Conn {
     send: h2::client::SendRequest<Bytes>,
     inflight: AtomicUsize,
+    /// Streams ever opened: a connection retires before its stream IDs run out.
+    opened: AtomicU32,
     /// A stream refused, or the connection ended: no new streams.
     draining: AtomicBool,
     /// GOAWAY seen (no new streams), and how the connection ended.
@@ -100,9 +106,15 @@ impl H2Conn {
             .send
             .current_max_send_streams()
             .min(MAX_STREAMS_PER_CONN);
-        self.inflight
+        let took = self
+            .inflight
             .fetch_update(Relaxed, Relaxed, |n| (n < cap).then_some(n + 1))
-            .is_ok()
+            .is_ok();
+        if took && self.opened.fetch_add(1, Relaxed) + 1 >= STREAMS_PER_CONN_LIFETIME {
+            // This is the last stream; the next request opens a new connection.
+            self.draining.store(true, Relaxed);
+        }
+        took
     }
 }
 
@@ -537,6 +549,7 @@ impl Upstream {
         let c = Arc::new(H2Conn {
             send,
             inflight: AtomicUsize::new(0),
+            opened: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             goaway,
         });
@@ -611,8 +624,12 @@ async fn send_h2(c: &H2Conn, req: Request<UpBody>) -> Result<Response<RespIn>, S
         .send_request(Request::from_parts(parts, ()), eos)
     {
         Ok(x) => x,
-        // Nothing left apilb: the connection is going away or closed.
-        Err(e) => return Err(SendError::Refused(Some(body), e.into())),
+        // Nothing left apilb: the connection is going away or closed...
+        Err(e) if refused(&e) || e.is_io() || e.reason().is_some() => {
+            return Err(SendError::Refused(Some(body), e.into()))
+        }
+        // ...or h2 would not send this request (no connection is at fault).
+        Err(e) => return Err(SendError::Failed(e.into())),
     };
     if !eos {
         tokio::spawn(pipe(body, tx));
@@ -854,6 +871,29 @@ impl Drop for Queued {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection retires (takes no new stream) once it opened its
+    /// lifetime's streams, long before h2 would run out of stream IDs.
+    #[tokio::test]
+    async fn a_connection_retires_after_its_lifetime_of_streams() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let mut s = h2::server::handshake(b).await.unwrap();
+            while s.accept().await.is_some() {}
+        });
+        let (send, conn) = h2_builder().handshake::<_, Bytes>(a).await.unwrap();
+        tokio::spawn(conn);
+        let c = H2Conn {
+            send,
+            inflight: AtomicUsize::new(0),
+            opened: AtomicU32::new(STREAMS_PER_CONN_LIFETIME - 2),
+            draining: AtomicBool::new(false),
+            goaway: Arc::new(GoawayState::default()),
+        };
+        assert!(c.try_take() && c.try_take(), "the last two streams");
+        assert!(!c.try_take(), "a retired connection takes no stream");
+        assert!(c.draining.load(Relaxed));
+    }
 
     /// A server that completes the HTTP/2 handshake and then stops reading
     /// (a hung apiserver): the connection ends at the PING deadline; one that
