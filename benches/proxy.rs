@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,9 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+
+mod common;
+use common::*;
 
 const LARGE: u64 = 1 << 30; // 1 GiB, streamed
 const SMALL: usize = 1024;
@@ -74,14 +77,6 @@ fn which(name: &str) -> Option<PathBuf> {
     })
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn version(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd)
         .args(args)
@@ -108,17 +103,6 @@ fn pin_current_thread(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
-fn raise_nofile() -> u64 {
-    // SAFETY: getrlimit/setrlimit on a struct we own.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-        r.rlim_cur = r.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        r.rlim_cur
     }
 }
 
@@ -151,17 +135,6 @@ fn cpu_secs(pid: u32) -> f64 {
         + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-/// Proportional set size of a process in KiB.
-fn pss_kib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
 }
 
 // ---------------------------------------------------------------- backends
@@ -276,24 +249,6 @@ fn start_backends(cert_pem: &str, key_pem: &str) -> Backends {
 
 // ----------------------------------------------------------------- proxies
 
-/// A proxy process under test (pinned to CPU 1), killed on drop.
-struct Proc {
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
 /// Where one arm listens for each kind of traffic.
 #[derive(Clone, Copy, Default)]
 struct Ports {
@@ -303,15 +258,11 @@ struct Ports {
 }
 
 fn wait_listening(port: u16, what: &str, log: &Path) {
-    let end = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > end {
-            panic!(
-                "{what} did not listen on {port}:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !listening_within_15s(SocketAddr::from(([127, 0, 0, 1], port))) {
+        panic!(
+            "{what} did not listen on {port}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
     }
 }
 

@@ -5,10 +5,13 @@
 //! `cargo bench --bench scale`; `APILB_SCALE_CONNS=N` bounds the connections.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::*;
 
 /// New requests timed per measurement (connect, 1 KiB echoed, close).
 const SAMPLES: usize = 1000;
@@ -30,20 +33,26 @@ fn main() {
         .min(limit);
     let dir = tempfile::tempdir().unwrap();
     let backend_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let _backend = Proc(
-        Command::new(std::env::current_exe().unwrap())
+    let _backend = Proc {
+        child: Command::new(std::env::current_exe().unwrap())
             .env("APILB_SCALE_BACKEND", backend_addr.to_string())
             .stdout(Stdio::null())
             .spawn()
             .expect("start the echo backend"),
+    };
+    assert!(
+        listening_within_15s(backend_addr),
+        "the echo backend did not listen"
     );
-    wait_listening(backend_addr);
     let (front, admin) = (free_port(), free_port());
     let cfg = dir.path().join("apilb.yaml");
     std::fs::write(&cfg, config(&[front], admin, backend_addr, 0)).unwrap();
     let apilb = start_apilb(&cfg, dir.path());
     let front = SocketAddr::from(([127, 0, 0, 1], front));
-    wait_listening(front);
+    assert!(
+        listening_within_15s(front),
+        "apilb did not listen on {front}"
+    );
     let admin = SocketAddr::from(([127, 0, 0, 1], admin));
 
     println!("# Scale figures\n");
@@ -60,7 +69,7 @@ fn main() {
 /// and times new requests before and while they are open.
 fn connections(apilb: &Proc, front: SocketAddr, n: usize) {
     let idle = latency(front, SAMPLES);
-    let before = pss_kib(apilb.0.id());
+    let before = pss_kib(apilb.pid());
     let t = Instant::now();
     let mut open = Vec::with_capacity(n);
     for _ in 0..n {
@@ -72,7 +81,7 @@ fn connections(apilb: &Proc, front: SocketAddr, n: usize) {
     }
     let took = t.elapsed();
     std::thread::sleep(Duration::from_millis(500));
-    let with = pss_kib(apilb.0.id());
+    let with = pss_kib(apilb.pid());
     let busy = latency(front, SAMPLES);
     drop(open);
     println!("## {n} concurrent L4 connections\n");
@@ -102,7 +111,7 @@ fn reloads(apilb: &Proc, cfg: &Path, front: SocketAddr, admin: SocketAddr, backe
         let seen = reload_count(admin);
         let t = Instant::now();
         // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(apilb.0.id() as i32, libc::SIGHUP) };
+        unsafe { libc::kill(apilb.pid() as i32, libc::SIGHUP) };
         while reload_count(admin) == seen {
             assert!(
                 t.elapsed() < Duration::from_secs(30),
@@ -215,61 +224,15 @@ fn echo_backend(addr: SocketAddr) {
     });
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start_apilb(cfg: &Path, dir: &Path) -> Proc {
     let log = std::fs::File::create(dir.join("apilb.log")).unwrap();
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_apilb"))
+    Proc {
+        child: Command::new(env!("CARGO_BIN_EXE_apilb"))
             .args(["--log-level", "warn", "run", "--no-watch", "-c"])
             .arg(cfg)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start apilb"),
-    )
-}
-
-fn wait_listening(addr: SocketAddr) {
-    let end = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < end, "nothing listens on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn raise_nofile() -> u64 {
-    // SAFETY: getrlimit/setrlimit on a struct we own.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-        r.rlim_cur = r.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        r.rlim_cur
-    }
-}
-
-fn pss_kib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
 }
