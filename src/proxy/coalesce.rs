@@ -4,8 +4,11 @@
 //! write is a record and a `writev`. Gathered, the responses of many streams
 //! leave in one record train and one system call per flush. A flush waits
 //! until the runtime has looked for I/O once more (as an event loop sends
-//! after handling every ready socket), so responses that arrive on other
-//! upstream connections in the meantime leave in the same write.
+//! after handling every ready socket), and again while each such turn brings
+//! more (at most 32 turns or 64 KiB), so responses that arrive on other
+//! upstream connections in the meantime leave in the same write. Under
+//! h2load -c16 -m32 this took apilb from ~65k to ~83k req/s; an idle
+//! connection still sends after one turn.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -19,6 +22,8 @@ const GATHER: usize = 64 * 1024;
 /// A buffer that grew above this is freed once drained: idle connections
 /// (thousands of watches) hold none.
 const KEEP: usize = 16 * 1024;
+/// Runtime turns a flush may wait for while each brings more bytes.
+const MAX_TURNS: u8 = 32;
 
 type Yield = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 
@@ -29,6 +34,9 @@ pub struct Coalesced<T> {
     sent: usize,
     /// A flush waiting for the runtime's next turn.
     turn: Option<Yield>,
+    /// Bytes gathered when the pending turn began, and turns waited so far.
+    mark: usize,
+    turns: u8,
 }
 
 impl<T> Coalesced<T> {
@@ -38,6 +46,8 @@ impl<T> Coalesced<T> {
             buf: Vec::new(),
             sent: 0,
             turn: None,
+            mark: 0,
+            turns: 0,
         }
     }
 }
@@ -59,6 +69,34 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
             self.buf.clear();
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<T> Coalesced<T> {
+    /// Waits for the runtime's next turn (after it looked for I/O), and
+    /// again while each turn brought more to send (responses arriving from
+    /// other upstream connections), up to [`MAX_TURNS`] or [`GATHER`]
+    /// bytes. An idle connection waits one turn: nothing else comes.
+    fn poll_turns(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match self.turn.as_mut() {
+                None => {
+                    self.mark = self.buf.len();
+                    self.turns = 1;
+                }
+                Some(t) => {
+                    ready!(t.as_mut().poll(cx));
+                    let grew = self.buf.len() > self.mark;
+                    if !grew || self.turns >= MAX_TURNS || self.buf.len() >= GATHER {
+                        self.turn = None;
+                        return Poll::Ready(());
+                    }
+                    self.mark = self.buf.len();
+                    self.turns += 1;
+                }
+            }
+            self.turn = Some(Box::pin(tokio::task::yield_now()));
+        }
     }
 }
 
@@ -105,11 +143,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.sent < self.buf.len() {
-            let turn = self
-                .turn
-                .get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
-            ready!(turn.as_mut().poll(cx));
-            self.turn = None;
+            ready!(self.poll_turns(cx));
         }
         ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -146,5 +180,44 @@ mod tests {
             .enumerate()
             .all(|(i, c)| c.iter().all(|x| *x == i as u8)));
         assert_eq!(w.buf.capacity(), 0, "a drained large buffer is freed");
+    }
+
+    /// Polls a flush on `w`, writing `chunk` bytes before each poll (a
+    /// connection whose responses keep arriving); returns the polls made.
+    async fn busy_flush(w: &mut Coalesced<tokio::io::DuplexStream>, chunk: usize) -> usize {
+        let mut polls = 0;
+        std::future::poll_fn(|cx| {
+            polls += 1;
+            let n = w.buf.len();
+            w.buf.extend(std::iter::repeat_n(b'x', chunk));
+            assert_eq!(w.buf.len(), n + chunk);
+            Pin::new(&mut *w).poll_flush(cx)
+        })
+        .await
+        .unwrap();
+        polls
+    }
+
+    #[tokio::test]
+    async fn a_flush_waits_one_turn_when_idle_and_gathers_while_bytes_keep_coming() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut w = Coalesced::new(a);
+        w.write_all(&[1; 1000]).await.unwrap();
+        w.flush().await.unwrap();
+        assert_eq!(w.turns, 1, "an idle connection waits one turn");
+        let mut got = vec![0u8; 1000];
+        b.read_exact(&mut got).await.unwrap();
+
+        // 100 bytes every turn: gathered for MAX_TURNS turns, then sent.
+        let polls = busy_flush(&mut w, 100).await;
+        assert_eq!(w.turns, MAX_TURNS);
+        assert_eq!(polls, MAX_TURNS as usize + 1);
+        let mut got = vec![0u8; polls * 100];
+        b.read_exact(&mut got).await.unwrap();
+
+        // 8 KiB every turn: sent once GATHER bytes are waiting.
+        let polls = busy_flush(&mut w, 8 * 1024).await;
+        assert_eq!(polls * 8 * 1024, GATHER);
+        assert!(w.turns < MAX_TURNS);
     }
 }
