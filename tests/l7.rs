@@ -547,7 +547,12 @@ async fn http_mode_config_is_validated() {
     );
 }
 
-async fn h2_client(l7: &L7) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+async fn h2_client<B>(l7: &L7) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = TcpStream::connect(l7.addr()).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("kubernetes").unwrap();
     let tls = tokio_rustls::TlsConnector::from(l7.tls(None, &[b"h2"]))
@@ -706,28 +711,10 @@ impl PostSender for hyper::client::conn::http1::SendRequest<http_body_util::Full
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_of_60_kib_and_8_mib_arrive_whole_from_http1_and_http2_clients() {
     let l7 = L7::start(false, "https", "").await;
-    let name = rustls::pki_types::ServerName::try_from("kubernetes").unwrap();
-    let tcp = TcpStream::connect(l7.addr()).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(l7.tls(None, &[b"h2"]))
-        .connect(name.clone(), tcp)
+    let mut h2 = h2_client(&l7).await;
+    let mut h1 = tls_http1(l7.addr(), l7.tls(None, &[b"http/1.1"]))
         .await
         .unwrap();
-    let (mut h2, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let tcp = TcpStream::connect(l7.addr()).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(l7.tls(None, &[b"http/1.1"]))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let (mut h1, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
     for n in [0, 60 * 1024, 8 * 1024 * 1024] {
         let got = tokio::time::timeout(
             Duration::from_secs(20),

@@ -30,14 +30,15 @@ use super::coalesce::Coalesced;
 use super::h1guard::H1Guard;
 use super::handles::{Handles, Labels};
 use super::headers;
-use super::upstream::{self, ConnectError, Identity, Lease, SendError, Sender, UpBody, Upstream};
+use super::upstream::{
+    self, BoxError, ConnectError, Identity, Lease, SendError, Sender, UpBody, Upstream,
+};
 use super::Env;
 use crate::balancer::{ActiveGuard, Pool};
 use crate::config::HttpFrontend;
 use crate::metrics::{method_label, reject, FrontendMetrics};
 use crate::tls::TlsError;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type RespBody = BoxBody<Bytes, BoxError>;
 
 /// Request body kept to send again when a backend refuses the request

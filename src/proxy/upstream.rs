@@ -47,7 +47,8 @@ use crate::tls::{self, ClientMaterial, TlsError};
 
 /// The body type apilb sends upstream.
 pub type UpBody = BoxBody<Bytes, hyper::Error>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Errors of bodies and upstream requests, whichever library raised them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Streams per upstream HTTP/2 connection at most, even when the server
 /// allows more (kube-apiserver advertises 100).
@@ -624,7 +625,7 @@ async fn send_h2(c: &H2Conn, req: Request<UpBody>) -> Result<Response<RespIn>, S
         .send_request(Request::from_parts(parts, ()), eos)
     {
         Ok(x) => x,
-        // Nothing left apilb: the connection is going away or closed...
+        // Nothing was sent: the connection is going away or closed...
         Err(e) if refused(&e) || e.is_io() || e.reason().is_some() => {
             return Err(SendError::Refused(Some(body), e.into()))
         }
@@ -635,7 +636,7 @@ async fn send_h2(c: &H2Conn, req: Request<UpBody>) -> Result<Response<RespIn>, S
         tokio::spawn(pipe(body, tx));
     }
     match resp.await {
-        Ok(r) => Ok(r.map(|b| RespIn::H2(H2Body(b)))),
+        Ok(r) => Ok(r.map(RespIn::H2)),
         Err(e) if refused(&e) || c.goaway.unprocessed_at_eof.load(Relaxed) => {
             Err(SendError::Refused(None, e.into()))
         }
@@ -691,15 +692,12 @@ async fn send_data(tx: &mut h2::SendStream<Bytes>, mut data: Bytes) -> Result<()
     Ok(())
 }
 
-/// A response body from a backend, over either protocol.
+/// A response body from a backend, over either protocol. HTTP/2 data gives
+/// its flow-control window back as it is taken, then trailers follow.
 pub enum RespIn {
     H1(Incoming),
-    H2(H2Body),
+    H2(h2::RecvStream),
 }
-
-/// An HTTP/2 response body: data gives its flow-control window back as it
-/// is taken, then trailers.
-pub struct H2Body(h2::RecvStream);
 
 impl Body for RespIn {
     type Data = Bytes;
@@ -711,7 +709,7 @@ impl Body for RespIn {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RespIn::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            RespIn::H2(H2Body(r)) => {
+            RespIn::H2(r) => {
                 if !r.is_end_stream() {
                     match std::task::ready!(r.poll_data(cx)) {
                         Some(Ok(d)) => {
@@ -733,7 +731,7 @@ impl Body for RespIn {
     fn is_end_stream(&self) -> bool {
         match self {
             RespIn::H1(b) => b.is_end_stream(),
-            RespIn::H2(H2Body(r)) => r.is_end_stream(),
+            RespIn::H2(r) => r.is_end_stream(),
         }
     }
 

@@ -124,10 +124,15 @@ pub struct Resp {
 }
 
 /// An HTTP/1.1 client connection over a fresh TLS connection (SNI "kubernetes").
-pub async fn tls_http1(
+pub async fn tls_http1<B>(
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
-) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>, String> {
+) -> Result<hyper::client::conn::http1::SendRequest<B>, String>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
