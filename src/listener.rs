@@ -31,9 +31,12 @@ pub async fn serve(
 ) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let env = shared.env();
+    // One waiter on the token for the listener's life, not one per accept.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = &mut stopped => return,
             r = listener.accept() => r,
         };
         let (sock, peer) = match accepted {
@@ -48,7 +51,7 @@ pub async fn serve(
                 }
                 warn!(error = %e, backoff = ?backoff, "accept failed; backing off");
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = &mut stopped => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use prometheus::IntCounter;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -165,7 +166,11 @@ pub async fn relay(
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let idle = tokio::time::sleep(idle_timeout.unwrap_or(Duration::MAX / 4));
-    tokio::pin!(idle);
+    // Made once, outside the loop: each new `cancelled()` future registers
+    // a waiter (a lock on the token, shared by every connection) when first
+    // polled and removes it when dropped.
+    let (killed, stopped) = (backend_kill.cancelled(), hard_stop.cancelled());
+    tokio::pin!(idle, killed, stopped);
     let end = loop {
         tokio::select! {
             r = &mut up, if !up_done => match r {
@@ -187,8 +192,8 @@ pub async fn relay(
                 }
                 idle.as_mut().reset(start + since + t);
             }
-            _ = backend_kill.cancelled() => break End::BackendClosed,
-            _ = hard_stop.cancelled() => break End::Shutdown,
+            _ = &mut killed => break End::BackendClosed,
+            _ = &mut stopped => break End::Shutdown,
         }
         if up_done && down_done {
             break End::Closed;
@@ -273,13 +278,44 @@ async fn one_way(
 /// when the readiness was spurious.
 async fn copy_once(from: &TcpStream, to: &TcpStream) -> Result<Option<usize>, Side> {
     let mut buf = Buf::take();
-    let n = match from.try_read(&mut buf) {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+    let n = match read_draining(from, &mut buf) {
+        Ok(Some(n)) => n,
+        Ok(None) => return Ok(None),
         Err(e) => return Err(Side::Read(e)),
     };
     write_all(to, &buf[..n]).await.map_err(Side::Write)?;
     Ok(Some(n))
+}
+
+/// A read that fills less than the buffer emptied the socket (TCP returns
+/// all it holds), so, as tokio's own `poll_read` does with edge-triggered
+/// pollers, the readiness is cleared: the next wait goes to the poller
+/// instead of costing a `recv` that only says EAGAIN (one syscall of the
+/// three each direction of a small request/response used to take).
+/// `Some(0)` at EOF, `None` when nothing was readable.
+fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    const SHORT_READ_DRAINS: bool = cfg!(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "macos"
+    ));
+    let len = buf.len();
+    let mut n = 0;
+    let r = from.try_io(Interest::READABLE, || {
+        n = from.try_read(buf)?;
+        if SHORT_READ_DRAINS && 0 < n && n < len {
+            // Reported as WouldBlock only so that try_io clears readiness
+            // (for this event: one that arrived meanwhile stays set).
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    });
+    match r {
+        Ok(()) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((n > 0).then_some(n)),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -421,6 +457,7 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -429,6 +466,49 @@ mod tests {
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
         (c, s)
+    }
+
+    /// Whether `from` reports readable without waiting (one poll, no waker).
+    fn ready_now(from: &TcpStream) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let f = std::pin::pin!(from.readable());
+        f.poll(&mut cx).is_ready()
+    }
+
+    /// A read that fills the buffer keeps the socket readable (more may be
+    /// there); a short one clears it, so the next wait costs no EAGAIN
+    /// `recv`, and bytes that arrive afterwards wake it again, none lost.
+    #[tokio::test]
+    async fn a_short_read_clears_readiness_and_new_bytes_set_it_again() {
+        let (mut src, from) = pair().await;
+        let mut buf = vec![0u8; 1024];
+        src.write_all(&[1u8; 1500]).await.unwrap();
+        let deadline = Duration::from_secs(5);
+        tokio::time::timeout(deadline, from.readable())
+            .await
+            .unwrap()
+            .unwrap();
+        // 1,500 bytes in a 1,024-byte buffer: full, so still readable.
+        assert_eq!(read_draining(&from, &mut buf).unwrap(), Some(1024));
+        assert!(
+            ready_now(&from),
+            "a full read must leave the socket readable"
+        );
+        assert_eq!(read_draining(&from, &mut buf).unwrap(), Some(476));
+        assert!(!ready_now(&from), "a short read must clear readiness");
+        src.write_all(&[2u8; 10]).await.unwrap();
+        tokio::time::timeout(deadline, from.readable())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(read_draining(&from, &mut buf).unwrap(), Some(10));
+        assert_eq!(&buf[..10], &[2u8; 10]);
+        drop(src);
+        tokio::time::timeout(deadline, from.readable())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(read_draining(&from, &mut buf).unwrap(), Some(0), "EOF");
     }
 
     /// 8 MiB through one direction with each method: bytes intact, FIN passed on.
