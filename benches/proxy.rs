@@ -758,6 +758,19 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
     (s[s.len() / 2], s[0], s[s.len() - 1])
 }
 
+/// The median of the per-round ratios a[i] ÷ b[i]: arms run one after the
+/// other within a round, so neighbours share the host's load of the moment,
+/// which a ratio of medians taken over the whole run does not cancel.
+/// `None` unless both have one value per round (more than one round).
+fn paired(a: Option<&Vec<f64>>, b: Option<&Vec<f64>>) -> Option<f64> {
+    let (a, b) = (a?, b?);
+    if a.len() != b.len() || a.len() < 2 || b.contains(&0.0) {
+        return None;
+    }
+    let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    Some(stats(&r).0)
+}
+
 fn fmt(v: f64) -> String {
     if v.abs() >= 1000.0 {
         format!("{v:.0}")
@@ -793,7 +806,10 @@ fn render(r: &Results) -> String {
         };
         let latency = metric.starts_with("added");
         let ratio = |other: &str| match (med("apilb"), med(other)) {
-            (Some(a), Some(o)) if o != 0.0 => format!("{:.2}", a / o),
+            (Some(a), Some(o)) if o != 0.0 => match paired(arms.get("apilb"), arms.get(other)) {
+                Some(p) => format!("{:.2} ({p:.2})", a / o),
+                None => format!("{:.2}", a / o),
+            },
             _ => "—".into(),
         };
         let (rd, rh, rn) = if latency {
@@ -1175,7 +1191,7 @@ fn main() {
          wrk/h2load/curl and the backends (three plain HTTP and three TLS listeners in one process) on CPU 0. \
          {runs} measured run(s) of {secs} s per arm{warm}, arms interleaved; cells are median (min–max); ⚠ marks a spread above 5 %. \
          Health checks off except in the `+checks` lines (2 s). HAProxy runs with `maxconn 7500` instead of the protocol's 50000, which would need 125,000 descriptors against this machine's hard limit of 20,000. nginx's L7 arm speaks HTTP/1.1 keep-alive upstream (nginx 1.22 cannot do HTTP/2 upstream) with `keepalive 1024` idle upstream connections and `keepalive_requests` raised (its default of 1,000 closes busy HTTP/2 client connections mid-run); apilb and HAProxy use HTTP/2 upstream. Scenario d starts fresh proxy processes each round: a process that once held 5,000 connections keeps its heap. \
-         Latency rows are microseconds added over the direct arm; their ratio columns are apilb's added latency ÷ the other's.\n\n\
+         Latency rows are microseconds added over the direct arm; their ratio columns are apilb's added latency ÷ the other's. A ratio in parentheses is the median of the per-round ratios (each round runs the arms back to back, so a pair shares the host's load of that moment; the ratio of medians before it does not cancel the drift between rounds).\n\n\
          Versions: apilb {apilb} · {haproxy} · {nginx} · {wrk} · {h2load} · open files limit {nofile}.\n\
          {e_backends}\n{sysctl}{skipped}\n\
          {table}\n\

@@ -107,6 +107,14 @@ fn invalid_cases(tmp: &std::path::Path) -> Vec<(String, &'static str)> {
             format!("{http_fe}{GOOD_POOL}    tls:\n      insecure_skip_verify: true\n").replace("mode: http\n", "mode: http\n    forwarded_for: prepend\n    strip_headers: ['bad header']\n"),
             "frontends[0].forwarded_for",
         ),
+        (
+            format!("{http_fe}{GOOD_POOL}    tls:\n      insecure_skip_verify: true\n").replace("mode: http\n", "mode: http\n    splice: true\n"),
+            "frontends[0].splice: only used with mode: tcp",
+        ),
+        (
+            format!("frontends:\n  - {{name: f, listen: '127.0.0.1:0', pool: p, splice: sometimes}}\n{GOOD_POOL}"),
+            "splice",
+        ),
         (format!("{GOOD_FE}{GOOD_POOL}x: {}\n", "[".repeat(200)), "invalid YAML: nesting deeper than 64 levels at line 8 column"),
         (probe_tls("").replace(&ca_file.display().to_string(), "/dev/zero"), "pools[0].health.tls.ca_file: cannot read /dev/zero: it is a character device"),
         (probe_tls("").replace(&ca_file.display().to_string(), &fifo.display().to_string()), "pools[0].health.tls.ca_file: cannot read"),

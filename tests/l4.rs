@@ -161,6 +161,17 @@ fn chunk(seed: u8, i: u64) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_256_mib_each_way_is_byte_identical() {
+    bulk_each_way(false).await;
+}
+
+/// `splice: true`: bulk moves through pipes (splice(2)), small messages
+/// through the buffer, switching as the transfer goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_256_mib_each_way_is_byte_identical_with_splice() {
+    bulk_each_way(true).await;
+}
+
+async fn bulk_each_way(splice: bool) {
     const CHUNKS: u64 = 256 * 16; // 64 KiB each
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let baddr = listener.local_addr().unwrap();
@@ -191,7 +202,13 @@ async fn bulk_256_mib_each_way_is_byte_identical() {
         }
         (n, h.finalize().to_vec(), send.await.unwrap())
     });
-    let h = start_yaml(&l4_yaml(&[baddr], "    health:\n      check: none\n")).await;
+    let yaml = l4_yaml(&[baddr], "    health:\n      check: none\n");
+    let yaml = if splice {
+        yaml.replace("    pool: p\n", "    pool: p\n    splice: true\n")
+    } else {
+        yaml
+    };
+    let h = start_yaml(&yaml).await;
     let s = TcpStream::connect(fe(&h)).await.unwrap();
     let (mut r, mut w) = s.into_split();
     let send = tokio::spawn(async move {

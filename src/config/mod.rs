@@ -173,6 +173,9 @@ pub struct FrontendConfig {
     /// Close a connection after this long with no byte either way; off by default
     /// because watches and `logs -f` sit idle for minutes.
     pub idle_timeout: Option<Duration>,
+    /// `tcp` only: move bulk transfers with splice(2) (less CPU per byte)
+    /// instead of copying through a buffer (more throughput on loopback).
+    pub splice: bool,
     /// `mode: http` only.
     pub http: Option<HttpFrontend>,
 }

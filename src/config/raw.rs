@@ -38,6 +38,8 @@ pub struct RawFrontend {
     pub pool: Option<String>,
     pub max_connections: Option<usize>,
     pub idle_timeout: Option<String>,
+    /// `tcp` only: splice(2) during bulk transfers instead of copying.
+    pub splice: Option<bool>,
     pub tls: Option<RawFrontendTls>,
     pub request_timeout: Option<String>,
     pub header_timeout: Option<String>,

@@ -269,8 +269,13 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         };
         let http = match mode {
             Some(Mode::Http) => {
-                if f.idle_timeout.is_some() {
-                    errs.push(format!("{base}.idle_timeout"), "only used with mode: tcp");
+                for (key, set) in [
+                    ("idle_timeout", f.idle_timeout.is_some()),
+                    ("splice", f.splice.is_some()),
+                ] {
+                    if set {
+                        errs.push(format!("{base}.{key}"), "only used with mode: tcp");
+                    }
                 }
                 http_frontend(&mut errs, &base, f)
             }
@@ -332,6 +337,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
                 pool: pool.to_string(),
                 max_connections,
                 idle_timeout,
+                splice: f.splice.unwrap_or(false),
                 http,
             });
         }

@@ -20,6 +20,8 @@ pub struct Service {
     pub name: Arc<str>,
     pub pool: Arc<Pool>,
     pub idle_timeout: Option<Duration>,
+    /// How bytes move (`frontends[].splice`).
+    pub copy: pump::Copy,
     pub metrics: FrontendMetrics,
 }
 
@@ -45,6 +47,7 @@ pub async fn handle(env: Env, svc: Arc<Service>, client: TcpStream, peer: Socket
             to_client: &b.metrics.bytes_to_client,
         },
         svc.idle_timeout,
+        svc.copy,
         &kill,
         &env.hard_stop,
     )

@@ -29,7 +29,7 @@ use crate::discovery;
 use crate::handover::{Handed, Inherited};
 use crate::health::{self, Monitor};
 use crate::net::{self, Bound};
-use crate::proxy::{http, tcp, upstream::Upstream};
+use crate::proxy::{http, pump, tcp, upstream::Upstream};
 use crate::snapshot::{Frontend, FrontendKind, FrontendStats, Shared, Snapshot};
 use crate::{listener, tls};
 
@@ -505,6 +505,11 @@ impl Reconciler {
                     name: name.clone(),
                     pool: pool.clone(),
                     idle_timeout: fe.idle_timeout,
+                    copy: if fe.splice {
+                        pump::Copy::Auto
+                    } else {
+                        pump::Copy::Buffer
+                    },
                     metrics: stats.metrics.clone(),
                 })),
             };
