@@ -107,7 +107,7 @@ pub struct Counters<'a> {
 
 /// How bytes move from one socket to the other. A `tcp` frontend copies
 /// (`Buffer`) unless it sets `splice: true` (`Auto`): splice spends about
-/// two thirds less CPU per GiB, but copying moved ~20 % more per second in
+/// 30 % less CPU per GiB, but copying moved ~20 % more per second in
 /// the loopback benchmarks (scenario a), where the reader, not the proxy,
 /// is the bottleneck (docs/performance.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
