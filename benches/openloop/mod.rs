@@ -1,0 +1,355 @@
+//! Open-loop HTTP/1.1 load: requests fall due on a fixed schedule, spread
+//! round-robin over keep-alive connections, and latency counts from when a
+//! request was due, so a slow answer is charged for the requests it held
+//! back (no coordinated omission).
+//!
+//! wrk keeps every connection busy: at saturation its latency is mostly the
+//! queue on the load generator's own CPU. At a fixed rate below what every
+//! arm sustains, the latency a proxy adds over the direct arm is its own.
+//! One thread drives every connection through epoll, woken by an absolute
+//! timerfd at each due time (µs precision; wrk2 does the same job and is not
+//! packaged here), so the generator adds one runnable thread to its CPU.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mio::net::TcpStream;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use rustls::{ClientConfig, ClientConnection};
+
+/// What to send and how fast.
+pub struct Load {
+    pub conns: usize,
+    /// Requests per second over all connections.
+    pub rate: f64,
+    pub secs: f64,
+}
+
+/// Latency from due time to the response's last byte, in microseconds.
+pub struct Latency {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+}
+
+const TIMER: Token = Token(usize::MAX);
+
+/// Runs `load` against `addr` (TLS with `tls`), GET `path` on every connection.
+pub fn run(
+    addr: SocketAddr,
+    tls: Option<Arc<ClientConfig>>,
+    path: &str,
+    load: &Load,
+) -> io::Result<Latency> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes();
+    let mut poll = Poll::new()?;
+    let mut conns = (0..load.conns)
+        .map(|i| Conn::open(addr, tls.clone(), &request, poll.registry(), Token(i)))
+        .collect::<io::Result<Vec<_>>>()?;
+    let timer = Timer::new()?;
+    poll.registry().register(
+        &mut SourceFd(&timer.fd.as_raw_fd()),
+        TIMER,
+        Interest::READABLE,
+    )?;
+    let step = (1e9 / load.rate) as u64;
+    let total = (load.secs * load.rate) as u64;
+    let begin = now_ns() + 20_000_000;
+    let give_up = begin + (load.secs as u64 + 10) * 1_000_000_000;
+    let mut lat = Vec::with_capacity(total as usize);
+    let mut events = Events::with_capacity(1024);
+    let mut next = 0u64; // the next request to fall due
+    while lat.len() < total as usize {
+        let now = now_ns();
+        if now > give_up {
+            return Err(io::Error::other(format!(
+                "{} of {total} responses after the run and 10 s more",
+                lat.len()
+            )));
+        }
+        while next < total && begin + next * step <= now {
+            let c = &mut conns[(next % load.conns as u64) as usize];
+            c.due.push_back(begin + next * step);
+            c.send_if_idle(&request)?;
+            next += 1;
+        }
+        if next < total {
+            timer.arm(begin + next * step)?;
+        }
+        poll.poll(&mut events, Some(Duration::from_secs(1)))?;
+        for ev in events.iter() {
+            if ev.token() == TIMER {
+                timer.drain();
+                continue;
+            }
+            let c = &mut conns[ev.token().0];
+            c.on_ready(&request, &mut lat)?;
+        }
+    }
+    lat.sort_unstable();
+    let at = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1e3;
+    Ok(Latency {
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+        p999_us: at(0.999),
+    })
+}
+
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A CLOCK_MONOTONIC timerfd armed at absolute times.
+struct Timer {
+    fd: OwnedFd,
+}
+
+impl Timer {
+    fn new() -> io::Result<Self> {
+        // SAFETY: timerfd_create has no preconditions; a valid fd is owned below.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned by timerfd_create and nothing else owns it.
+        Ok(Timer {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn arm(&self, at_ns: u64) -> io::Result<()> {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: (at_ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (at_ns % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: the fd is a timerfd we own; spec outlives the call.
+        let rc = unsafe {
+            libc::timerfd_settime(
+                self.fd.as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn drain(&self) {
+        let mut n = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a buffer of 8.
+        unsafe { libc::read(self.fd.as_raw_fd(), n.as_mut_ptr().cast(), 8) };
+    }
+}
+
+/// One keep-alive connection: the due times of its requests not yet
+/// answered (the front one is on the wire when `busy`).
+struct Conn {
+    sock: TcpStream,
+    tls: Option<ClientConnection>,
+    buf: Vec<u8>,
+    due: VecDeque<u64>,
+    busy: bool,
+}
+
+impl Conn {
+    /// Connects and answers one request blocking (handshake and lazily
+    /// built state stay out of the measurement), then goes non-blocking.
+    fn open(
+        addr: SocketAddr,
+        tls: Option<Arc<ClientConfig>>,
+        request: &[u8],
+        registry: &mio::Registry,
+        token: Token,
+    ) -> io::Result<Self> {
+        let std_sock = std::net::TcpStream::connect(addr)?;
+        std_sock.set_nodelay(true)?;
+        std_sock.set_nonblocking(true)?;
+        let tls = match tls {
+            None => None,
+            Some(cfg) => {
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                Some(ClientConnection::new(cfg, name).map_err(io::Error::other)?)
+            }
+        };
+        let mut c = Conn {
+            sock: TcpStream::from_std(std_sock),
+            tls,
+            buf: Vec::with_capacity(4096),
+            due: VecDeque::new(),
+            busy: false,
+        };
+        c.warm_up(request)?;
+        registry.register(&mut c.sock, token, Interest::READABLE)?;
+        Ok(c)
+    }
+
+    fn warm_up(&mut self, request: &[u8]) -> io::Result<()> {
+        // Its own poll until answered: the run's poll has not started.
+        let mut poll = Poll::new()?;
+        poll.registry()
+            .register(&mut self.sock, Token(0), Interest::READABLE)?;
+        self.due.push_back(now_ns());
+        self.send_if_idle(request)?;
+        let mut sink = Vec::new();
+        let mut events = Events::with_capacity(4);
+        while sink.is_empty() {
+            poll.poll(&mut events, Some(Duration::from_secs(5)))?;
+            if events.is_empty() {
+                return Err(io::Error::other("no answer to the warm-up request in 5 s"));
+            }
+            self.on_ready(request, &mut sink)?;
+        }
+        poll.registry().deregister(&mut self.sock)
+    }
+
+    fn send_if_idle(&mut self, request: &[u8]) -> io::Result<()> {
+        if self.busy || self.due.is_empty() {
+            return Ok(());
+        }
+        self.busy = true;
+        match &mut self.tls {
+            None => write_all_nb(&mut self.sock, request),
+            Some(t) => {
+                t.writer().write_all(request)?;
+                self.flush_tls()
+            }
+        }
+    }
+
+    fn flush_tls(&mut self) -> io::Result<()> {
+        let t = self.tls.as_mut().expect("TLS connection");
+        while t.wants_write() {
+            match t.write_tls(&mut self.sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(&self.sock)?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what arrived; a complete response records its latency and
+    /// sends the next request already due on this connection.
+    fn on_ready(&mut self, request: &[u8], lat: &mut Vec<u64>) -> io::Result<()> {
+        self.read_available()?;
+        while self.busy {
+            let Some(len) = response_len(&self.buf)? else {
+                return Ok(());
+            };
+            if self.buf.len() < len {
+                return Ok(());
+            }
+            self.buf.drain(..len);
+            let due = self.due.pop_front().expect("a request was on the wire");
+            lat.push(now_ns().saturating_sub(due));
+            self.busy = false;
+            self.send_if_idle(request)?;
+        }
+        Ok(())
+    }
+
+    fn read_available(&mut self) -> io::Result<()> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let n = match &mut self.tls {
+                None => self.sock.read(&mut chunk),
+                Some(t) => t.read_tls(&mut self.sock),
+            };
+            match n {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed")),
+                Ok(n) => match &mut self.tls {
+                    None => self.buf.extend_from_slice(&chunk[..n]),
+                    Some(t) => {
+                        t.process_new_packets().map_err(io::Error::other)?;
+                        t.reader().read_to_end(&mut self.buf).or_else(would_block)?;
+                    }
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.tls.as_ref().is_some_and(|t| t.wants_write()) {
+            self.flush_tls()?; // handshake messages, key updates
+        }
+        Ok(())
+    }
+}
+
+fn would_block(e: io::Error) -> io::Result<usize> {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        Ok(0)
+    } else {
+        Err(e)
+    }
+}
+
+fn write_all_nb(sock: &mut TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match sock.write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(sock)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A request is a few dozen bytes: a full send buffer means the peer stopped
+/// reading, so waiting here (briefly, blocking the generator) is the honest
+/// outcome.
+fn wait_writable(sock: &TcpStream) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 5000) };
+    match rc {
+        1 => Ok(()),
+        0 => Err(io::Error::other("send buffer full for 5 s")),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Whole response length once the head is in: head + Content-Length.
+fn response_len(buf: &[u8]) -> io::Result<Option<usize>> {
+    let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(io::Error::other)?;
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .ok_or_else(|| io::Error::other(format!("response without Content-Length: {head}")))?;
+    Ok(Some(head_end + 4 + len))
+}
