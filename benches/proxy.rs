@@ -7,7 +7,8 @@
 //! per arm (a smoke test for CI). `APILB_BENCH_SECS` and `APILB_BENCH_RUNS`
 //! override the duration and the number of measured runs; `APILB_BENCH_ONLY`
 //! (e.g. `d,e`) runs only those scenarios and writes
-//! `target/bench-partial-RESULTS.md`; `APILB_BENCH_KEEP=1` keeps the temp dir
+//! `target/bench-partial-RESULTS.md`; `APILB_BENCH_WRK=0` leaves out scenario
+//! b's wrk runs (only its open loop); `APILB_BENCH_KEEP=1` keeps the temp dir
 //! with every proxy's config and log.
 
 use std::collections::BTreeMap;
@@ -46,6 +47,8 @@ struct Opts {
     only: Option<String>,
     /// Scenario b's open-loop rate, requests per second over all connections.
     rate: f64,
+    /// Scenario b's wrk (closed-loop) runs; off leaves only the open loop.
+    wrk: bool,
 }
 
 impl Opts {
@@ -67,6 +70,7 @@ fn opts() -> Opts {
         secs: num("APILB_BENCH_SECS", if quick { 1 } else { 20 }),
         runs: num("APILB_BENCH_RUNS", if quick { 1 } else { 5 }) as usize,
         rate: num("APILB_BENCH_RATE", 10_000) as f64,
+        wrk: std::env::var("APILB_BENCH_WRK").as_deref() != Ok("0"),
         only: std::env::var("APILB_BENCH_ONLY")
             .ok()
             .filter(|v| !v.is_empty()),
@@ -174,6 +178,28 @@ fn cpu_secs(pid: u32) -> f64 {
         + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Times a process's threads were switched out (voluntary and involuntary
+/// context switches): each is a sleep and a wake-up, or a preemption.
+fn switches(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return f64::NAN;
+    };
+    let mut n = 0.0;
+    for t in tasks.flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            if line.contains("ctxt_switches:") {
+                n += line
+                    .split_whitespace()
+                    .last()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+        }
+    }
+    n
 }
 
 // ---------------------------------------------------------------- backends
@@ -770,8 +796,10 @@ fn open_watches(addr: SocketAddr, ca: &Path, n: usize) -> Watches {
     }
 }
 
-/// Scenario b at a fixed rate (open loop) through every arm: added p50, p99
-/// and p99.9 over the direct arm, as ((scenario, metric, arm), µs).
+/// Scenario b at a fixed rate (open loop) through every arm, the arms taking
+/// turns in 100 ms slices: added p50, p99, p99.9 and median-slice p99 over
+/// the direct arm, and each proxy's context switches per request, as
+/// ((scenario, metric, arm), µs).
 fn fixed_rate(
     arms: &[(String, Option<Proc>, Ports)],
     kind: &str,
@@ -784,31 +812,64 @@ fn fixed_rate(
         conns,
         rate,
         secs: secs as f64,
+        slice: Duration::from_millis(100),
     };
+    let targets: Vec<openloop::Target> = arms
+        .iter()
+        .map(|(_, _, ports)| match kind {
+            "plain" => openloop::Target {
+                addr: SocketAddr::from(([127, 0, 0, 1], ports.plain)),
+                tls: None,
+            },
+            _ => openloop::Target {
+                addr: SocketAddr::from(([127, 0, 0, 1], ports.tls)),
+                tls: Some(tls.clone()),
+            },
+        })
+        .collect();
+    let pids: Vec<Option<u32>> = arms
+        .iter()
+        .map(|(_, p, _)| p.as_ref().map(Proc::pid))
+        .collect();
+    let sw0: Vec<f64> = pids.iter().map(|p| p.map_or(f64::NAN, switches)).collect();
+    let got = openloop::run(&targets, "/1k", &load)
+        .unwrap_or_else(|e| panic!("open-loop load ({kind}, c={conns}): {e}"));
+    let served = rate * secs as f64;
     let s = format!("b keep-alive 1 KiB, {kind}, c={conns}");
     let k = rate / 1000.0;
+    let direct = arms
+        .iter()
+        .position(|(n, ..)| n == "direct")
+        .expect("a direct arm");
+    let base = [
+        got[direct].p50_us,
+        got[direct].p99_us,
+        got[direct].p999_us,
+        got[direct].slice_p99_us,
+    ];
     let mut out = Vec::new();
-    let mut direct = [f64::NAN; 3];
-    for (name, _, ports) in arms {
-        let (port, tls) = match kind {
-            "plain" => (ports.plain, None),
-            _ => (ports.tls, Some(tls.clone())),
-        };
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let l = openloop::run(addr, tls, "/1k", &load)
-            .unwrap_or_else(|e| panic!("open-loop load through {name} ({addr}): {e}"));
-        let got = [l.p50_us, l.p99_us, l.p999_us];
+    for (a, ((name, ..), l)) in arms.iter().zip(&got).enumerate() {
+        let v = [l.p50_us, l.p99_us, l.p999_us, l.slice_p99_us];
         eprintln!(
-            "  open loop {rate} req/s {kind} c={conns} {name}: p50 {:.0} p99 {:.0} p99.9 {:.0} µs",
-            got[0], got[1], got[2]
+            "  open loop {rate} req/s {kind} c={conns} {name}: p50 {:.0} p99 {:.0} p99.9 {:.0} µs, median slice p99 {:.0} µs",
+            v[0], v[1], v[2], v[3]
         );
         if name == "direct" {
-            direct = got;
             continue;
         }
-        for (i, q) in ["p50", "p99", "p99.9"].iter().enumerate() {
+        for (i, q) in ["p50", "p99", "p99.9", "median-slice p99"]
+            .iter()
+            .enumerate()
+        {
             let m = format!("added {q} µs at {k:.0}k req/s (open loop)");
-            out.push(((s.clone(), m, name.clone()), got[i] - direct[i]));
+            out.push(((s.clone(), m, name.clone()), v[i] - base[i]));
+        }
+        if let Some(pid) = pids[a] {
+            let m = format!("proxy context switches per request at {k:.0}k req/s");
+            out.push((
+                (s.clone(), m, name.clone()),
+                (switches(pid) - sw0[a]) / served,
+            ));
         }
     }
     out
@@ -1084,7 +1145,7 @@ fn main() {
         for &c in small_conc.iter().filter(|_| o.wants('b')) {
             for (kind, scheme) in [("plain", "http"), ("tls", "https")] {
                 let mut direct = (f64::NAN, f64::NAN);
-                for (name, proc, ports) in &arms {
+                for (name, proc, ports) in arms.iter().filter(|_| o.wrk) {
                     let port = if kind == "plain" {
                         ports.plain
                     } else {
@@ -1273,7 +1334,9 @@ fn main() {
             ("APILB_BENCH_QUICK", o.quick.then(|| "1".to_string())),
             ("APILB_BENCH_SECS", std::env::var("APILB_BENCH_SECS").ok()),
             ("APILB_BENCH_RUNS", std::env::var("APILB_BENCH_RUNS").ok()),
-            ("APILB_BENCH_ONLY", std::env::var("APILB_BENCH_ONLY").ok())
+            ("APILB_BENCH_ONLY", std::env::var("APILB_BENCH_ONLY").ok()),
+            ("APILB_BENCH_WRK", std::env::var("APILB_BENCH_WRK").ok()),
+            ("APILB_BENCH_RATE", std::env::var("APILB_BENCH_RATE").ok()),
         ]
         .iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v} ")))

@@ -9,6 +9,10 @@
 //! One thread drives every connection through epoll, woken by an absolute
 //! timerfd at each due time (µs precision; wrk2 does the same job and is not
 //! packaged here), so the generator adds one runnable thread to its CPU.
+//! Several targets share one run in turns of a short slice each, so a stall
+//! of the shared host lands on all of them alike, and each target's summary
+//! has the median over its slices of the slice's own p99 next to the whole
+//! run's percentiles.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -22,12 +26,22 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use rustls::{ClientConfig, ClientConnection};
 
-/// What to send and how fast.
+/// What to send and how fast, per target.
 pub struct Load {
+    /// Keep-alive connections to each target.
     pub conns: usize,
-    /// Requests per second over all connections.
+    /// Requests per second while a target has the load.
     pub rate: f64,
+    /// Seconds of load each target receives.
     pub secs: f64,
+    /// Targets take turns holding the load for this long each.
+    pub slice: Duration,
+}
+
+/// Where to send: an address, TLS when a client config is given.
+pub struct Target {
+    pub addr: SocketAddr,
+    pub tls: Option<Arc<ClientConfig>>,
 }
 
 /// Latency from due time to the response's last byte, in microseconds.
@@ -35,47 +49,67 @@ pub struct Latency {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
+    /// The median over slices of each slice's own p99: a stall of the host
+    /// that hits a few slices moves p99 and p99.9 but hardly this.
+    pub slice_p99_us: f64,
 }
 
 const TIMER: Token = Token(usize::MAX);
 
-/// Runs `load` against `addr` (TLS with `tls`), GET `path` on every connection.
-pub fn run(
-    addr: SocketAddr,
-    tls: Option<Arc<ClientConfig>>,
-    path: &str,
-    load: &Load,
-) -> io::Result<Latency> {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes();
+/// Runs `load` against every target, GET `path` on every connection.
+///
+/// The targets take turns in slices of `load.slice` (the order rotating from
+/// one cycle to the next), so a disturbance of the shared host lasting longer
+/// than a few slices lands on every target alike instead of on whichever ran
+/// at that moment; only one target is loaded at a time, so they do not queue
+/// behind each other either. Returns one latency summary per target.
+pub fn run(targets: &[Target], path: &str, load: &Load) -> io::Result<Vec<Latency>> {
     let mut poll = Poll::new()?;
-    let mut conns = (0..load.conns)
-        .map(|i| Conn::open(addr, tls.clone(), &request, poll.registry(), Token(i)))
-        .collect::<io::Result<Vec<_>>>()?;
+    let mut conns = Vec::with_capacity(targets.len() * load.conns);
+    for (t, target) in targets.iter().enumerate() {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", target.addr);
+        for _ in 0..load.conns {
+            let token = Token(conns.len());
+            conns.push(Conn::open(
+                target,
+                request.clone().into_bytes(),
+                t,
+                poll.registry(),
+                token,
+            )?);
+        }
+    }
     let timer = Timer::new()?;
     poll.registry().register(
         &mut SourceFd(&timer.fd.as_raw_fd()),
         TIMER,
         Interest::READABLE,
     )?;
+    let n = targets.len() as u64;
     let step = (1e9 / load.rate) as u64;
-    let total = (load.secs * load.rate) as u64;
+    let per_slice = (load.slice.as_nanos() as u64 / step).max(1);
+    let total = (load.secs * load.rate) as u64 * n;
     let begin = now_ns() + 20_000_000;
-    let give_up = begin + (load.secs as u64 + 10) * 1_000_000_000;
-    let mut lat = Vec::with_capacity(total as usize);
+    let give_up = begin + total * step + 10_000_000_000;
+    let mut lat: Vec<Vec<u64>> = targets.iter().map(|_| Vec::new()).collect();
+    let mut sent = vec![0u64; targets.len()];
+    let mut done = 0usize;
     let mut events = Events::with_capacity(1024);
     let mut next = 0u64; // the next request to fall due
-    while lat.len() < total as usize {
+    while done < total as usize {
         let now = now_ns();
         if now > give_up {
             return Err(io::Error::other(format!(
-                "{} of {total} responses after the run and 10 s more",
-                lat.len()
+                "{done} of {total} responses after the run and 10 s more"
             )));
         }
         while next < total && begin + next * step <= now {
-            let c = &mut conns[(next % load.conns as u64) as usize];
+            let slice = next / per_slice;
+            let t = ((slice + slice / n) % n) as usize;
+            let c = &mut conns[t * load.conns + (sent[t] % load.conns as u64) as usize];
+            sent[t] += 1;
             c.due.push_back(begin + next * step);
-            c.send_if_idle(&request)?;
+            c.send_if_idle()?;
             next += 1;
         }
         if next < total {
@@ -88,16 +122,36 @@ pub fn run(
                 continue;
             }
             let c = &mut conns[ev.token().0];
-            c.on_ready(&request, &mut lat)?;
+            done += c.on_ready(&mut lat[c.target])?;
         }
     }
+    Ok(lat
+        .into_iter()
+        .map(|l| summarize(l, per_slice as usize))
+        .collect())
+}
+
+/// Percentiles of `lat` (in completion order, so each run of `per_slice`
+/// responses is about one slice's worth).
+fn summarize(mut lat: Vec<u64>, per_slice: usize) -> Latency {
+    let mut slices: Vec<f64> = lat
+        .chunks_mut(per_slice)
+        .filter(|c| c.len() == per_slice)
+        .map(|c| percentile(c, 0.99))
+        .collect();
+    slices.sort_unstable_by(f64::total_cmp);
+    Latency {
+        p50_us: percentile(&mut lat, 0.50),
+        p99_us: percentile(&mut lat, 0.99),
+        p999_us: percentile(&mut lat, 0.999),
+        slice_p99_us: slices.get(slices.len() / 2).copied().unwrap_or(f64::NAN),
+    }
+}
+
+/// The `p` quantile of nanosecond samples, in microseconds (sorts them).
+fn percentile(lat: &mut [u64], p: f64) -> f64 {
     lat.sort_unstable();
-    let at = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1e3;
-    Ok(Latency {
-        p50_us: at(0.50),
-        p99_us: at(0.99),
-        p999_us: at(0.999),
-    })
+    lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1e3
 }
 
 fn now_ns() -> u64 {
@@ -171,6 +225,9 @@ impl Timer {
 struct Conn {
     sock: TcpStream,
     tls: Option<ClientConnection>,
+    request: Vec<u8>,
+    /// Index of the target this connection goes to.
+    target: usize,
     buf: Vec<u8>,
     due: VecDeque<u64>,
     busy: bool,
@@ -180,41 +237,44 @@ impl Conn {
     /// Connects and answers one request blocking (handshake and lazily
     /// built state stay out of the measurement), then goes non-blocking.
     fn open(
-        addr: SocketAddr,
-        tls: Option<Arc<ClientConfig>>,
-        request: &[u8],
+        to: &Target,
+        request: Vec<u8>,
+        target: usize,
         registry: &mio::Registry,
         token: Token,
     ) -> io::Result<Self> {
+        let addr = to.addr;
         let std_sock = std::net::TcpStream::connect(addr)?;
         std_sock.set_nodelay(true)?;
         std_sock.set_nonblocking(true)?;
-        let tls = match tls {
+        let tls = match &to.tls {
             None => None,
             Some(cfg) => {
                 let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-                Some(ClientConnection::new(cfg, name).map_err(io::Error::other)?)
+                Some(ClientConnection::new(cfg.clone(), name).map_err(io::Error::other)?)
             }
         };
         let mut c = Conn {
             sock: TcpStream::from_std(std_sock),
             tls,
+            request,
+            target,
             buf: Vec::with_capacity(4096),
             due: VecDeque::new(),
             busy: false,
         };
-        c.warm_up(request)?;
+        c.warm_up()?;
         registry.register(&mut c.sock, token, Interest::READABLE)?;
         Ok(c)
     }
 
-    fn warm_up(&mut self, request: &[u8]) -> io::Result<()> {
+    fn warm_up(&mut self) -> io::Result<()> {
         // Its own poll until answered: the run's poll has not started.
         let mut poll = Poll::new()?;
         poll.registry()
             .register(&mut self.sock, Token(0), Interest::READABLE)?;
         self.due.push_back(now_ns());
-        self.send_if_idle(request)?;
+        self.send_if_idle()?;
         let mut sink = Vec::new();
         let mut events = Events::with_capacity(4);
         while sink.is_empty() {
@@ -222,20 +282,20 @@ impl Conn {
             if events.is_empty() {
                 return Err(io::Error::other("no answer to the warm-up request in 5 s"));
             }
-            self.on_ready(request, &mut sink)?;
+            self.on_ready(&mut sink)?;
         }
         poll.registry().deregister(&mut self.sock)
     }
 
-    fn send_if_idle(&mut self, request: &[u8]) -> io::Result<()> {
+    fn send_if_idle(&mut self) -> io::Result<()> {
         if self.busy || self.due.is_empty() {
             return Ok(());
         }
         self.busy = true;
         match &mut self.tls {
-            None => write_all_nb(&mut self.sock, request),
+            None => write_all_nb(&mut self.sock, &self.request),
             Some(t) => {
-                t.writer().write_all(request)?;
+                t.writer().write_all(&self.request)?;
                 self.flush_tls()
             }
         }
@@ -254,23 +314,26 @@ impl Conn {
     }
 
     /// Reads what arrived; a complete response records its latency and
-    /// sends the next request already due on this connection.
-    fn on_ready(&mut self, request: &[u8], lat: &mut Vec<u64>) -> io::Result<()> {
+    /// sends the next request already due on this connection. Returns how
+    /// many responses completed.
+    fn on_ready(&mut self, lat: &mut Vec<u64>) -> io::Result<usize> {
         self.read_available()?;
+        let mut n = 0;
         while self.busy {
             let Some(len) = response_len(&self.buf)? else {
-                return Ok(());
+                break;
             };
             if self.buf.len() < len {
-                return Ok(());
+                break;
             }
             self.buf.drain(..len);
             let due = self.due.pop_front().expect("a request was on the wire");
             lat.push(now_ns().saturating_sub(due));
             self.busy = false;
-            self.send_if_idle(request)?;
+            n += 1;
+            self.send_if_idle()?;
         }
-        Ok(())
+        Ok(n)
     }
 
     fn read_available(&mut self) -> io::Result<()> {
