@@ -180,6 +180,7 @@ fn invalid_cases(tmp: &std::path::Path) -> Vec<(String, &'static str)> {
         (GOOD_POOL.to_string(), "frontends"),
         (String::new(), "config is empty"),
         ("frontends: [\n".to_string(), "invalid YAML"),
+        (format!("{GOOD_FE}---\n{GOOD_POOL}"), "a second document starts at line 5 column 1"),
         (format!("admin:\n  listen: 'nope'\n{GOOD_FE}{GOOD_POOL}"), "admin.listen"),
         (
             format!("{GOOD_FE}{GOOD_POOL}    health:\n      check: https\n      tls:\n        insecure_skip_verify: true\n        cert_file: {}\n", garbage.display()),

@@ -417,21 +417,25 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         return Err(ConfigError::single("", "config is empty"));
     }
     yamldepth::check(text).map_err(|e| ConfigError::single("", format!("invalid YAML: {e}")))?;
-    let raw: raw::RawConfig = serde_yaml::from_str(text).map_err(|e| {
-        // serde_yaml names the field path itself ("pools[0].rise: ..."),
-        // and the place for most errors; add the place where it does not.
-        let text = e.to_string();
-        match e.location() {
-            Some(l) if !text.contains(" line ") => ConfigError::single(
-                "",
-                format!(
-                    "invalid YAML: {text} at line {} column {}",
-                    l.line(),
-                    l.column()
-                ),
-            ),
-            _ => ConfigError::single("", format!("invalid YAML: {text}")),
-        }
-    })?;
+    let raw: raw::RawConfig = serde_yaml::from_str(text).map_err(|e| yaml_error(text, &e))?;
     validate(&raw)
+}
+
+/// serde_yaml's error with its place: serde_yaml names the field path itself
+/// ("pools[0].rise: ...") and the place for most errors; add it where not.
+fn yaml_error(text: &str, e: &serde_yaml::Error) -> ConfigError {
+    let msg = e.to_string();
+    let located = match e.location() {
+        Some(l) if !msg.contains(" line ") => {
+            format!("{msg} at line {} column {}", l.line(), l.column())
+        }
+        None if msg.contains("more than one document") => match yamldepth::second_document(text) {
+            Some((line, column)) => format!(
+                "a second document starts at line {line} column {column}; apilb reads one document per file"
+            ),
+            None => msg,
+        },
+        _ => msg,
+    };
+    ConfigError::single("", format!("invalid YAML: {located}"))
 }

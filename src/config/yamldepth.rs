@@ -1,6 +1,7 @@
-//! A cheap, linear pre-scan of YAML text that refuses deep nesting before
+//! Cheap, linear scans of YAML text: one refuses deep nesting before
 //! serde_yaml parses it (a 200 KB deeply nested file otherwise costs seconds
-//! of CPU on every `check` and reload).
+//! of CPU on every `check` and reload), one finds where a second document
+//! starts (serde_yaml refuses it without saying where).
 //!
 //! It counts block levels (indentation steps and `- ` sequence entries) plus
 //! open flow collections (`[`, `{`), skipping quoted strings, comments and
@@ -36,6 +37,42 @@ pub(super) fn check(text: &str) -> Result<(), String> {
         })?;
     }
     Ok(())
+}
+
+/// Where a second YAML document starts (line, column; 1-based): the first
+/// line that, read with every line before it, makes the text hold a complete
+/// document and the start of another. Found by bisection over line counts, so
+/// a long file costs a few parses, only on this error path.
+pub(super) fn second_document(text: &str) -> Option<(usize, usize)> {
+    use serde::Deserialize;
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let ends: Vec<usize> = lines
+        .iter()
+        .scan(0, |end, l| {
+            *end += l.len();
+            Some(*end)
+        })
+        .collect();
+    let two = |k: usize| {
+        let mut docs = serde_yaml::Deserializer::from_str(&text[..ends[k - 1]]);
+        docs.next()
+            .is_some_and(|d| serde::de::IgnoredAny::deserialize(d).is_ok())
+            && docs.next().is_some()
+    };
+    let (mut lo, mut hi) = (1, lines.len());
+    if !two(hi) {
+        return None;
+    }
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if two(mid) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    let line = lines[lo - 1];
+    Some((lo, line.len() - line.trim_start().len() + 1))
 }
 
 impl Scan {
@@ -135,6 +172,17 @@ mod tests {
     fn real_configs_pass() {
         let text = "frontends:\n  - name: f # c\n    listen: '127.0.0.1:0'\n    strip_headers: [x-a, \"x-b\"]\npools:\n  - name: p\n    servers:\n      - 127.0.0.1:1\n    health:\n      tls:\n        server_name: it's\nnote: |\n  [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\n";
         check(text).unwrap();
+    }
+
+    #[test]
+    fn a_second_document_is_found_where_it_starts() {
+        assert_eq!(second_document("---\na: 1\n# c\n"), None);
+        assert_eq!(second_document("a: 1\n---\nb: 2\n"), Some((2, 1)));
+        assert_eq!(second_document("---\n---\n"), Some((2, 1)));
+        assert_eq!(second_document("a: |\n  x\n...\n\nb: 2\n"), Some((5, 1)));
+        assert_eq!(second_document(" a: 1\n # c\n b: 2\nc: 3\n"), Some((4, 1)));
+        assert_eq!(second_document("!a:\n}  b: 1\n"), Some((2, 1)));
+        assert_eq!(second_document("a: [1,\n 2]\n---\n"), Some((3, 1)));
     }
 
     #[test]
