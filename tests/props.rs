@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const CASES: u32 = 256;
+const CASES: u32 = 2048;
 
 /// A valid config with IP-literal servers (no name is looked up).
 const VALID: &str = "admin:\n  listen: 127.0.0.1:0\nfrontends:\n  - name: f\n    listen: 127.0.0.1:0\n    pool: p\n    max_connections: 10\npools:\n  - name: p\n    servers: ['127.0.0.1:6443', '[::1]:6443']\n    connect_timeout: 2s\n    health:\n      check: tcp\n      interval: 2s\n      timeout: 1s\n      rise: 2\n";
@@ -201,6 +201,10 @@ proptest! {
                     prop_assert_eq!(method, &h.method);
                     prop_assert_eq!(target, &h.target);
                     let mut want: Vec<_> = h.headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
+                    // hyper keeps one of repeated equal Content-Length
+                    // headers (RFC 9110 8.6); the guard refuses unequal ones.
+                    let mut cl = want.iter().filter(|(n, _)| n == "content-length").count();
+                    want.retain(|(n, _)| { cl -= usize::from(n == "content-length"); n != "content-length" || cl == 0 });
                     let mut got = headers.clone();
                     want.sort();
                     got.sort();

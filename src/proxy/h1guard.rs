@@ -2,7 +2,8 @@
 //! shapes hyper itself lets through (measured against hyper 1.x):
 //! Content-Length together with Transfer-Encoding (hyper answers it as
 //! chunked) and any Transfer-Encoding but a single `chunked` (hyper takes
-//! `gzip, chunked` and `chunked, chunked`). It also refuses what it cannot
+//! `gzip, chunked` and `chunked, chunked`) and a `#` fragment in the target
+//! (hyper drops it silently, as HAProxy refuses it). It also refuses what it cannot
 //! frame for itself: invalid or differing Content-Length, chunk-size lines
 //! that are not plain hex (`+5`, `0x5`), bare LF in the chunked framing, and
 //! heads over the size limit (431). Hyper refuses those too; framing them the
@@ -385,6 +386,12 @@ fn inspect(buf: &[u8]) -> Result<Option<CheckedHead>, Refusal> {
         }
         Err(e) => return Err(bad(&format!("malformed request: {e}"))),
     };
+    let target = req.path.unwrap_or_default();
+    if target.contains('#') {
+        // Not part of a request target (RFC 9112 3.2); hyper would drop it
+        // silently, so the request logged would not be the one sent.
+        return Err(bad("a fragment (#) in the request target"));
+    }
     let mut content_length: Option<u64> = None;
     let mut te_seen = false;
     let mut upgrade = req.method == Some("CONNECT");
@@ -428,7 +435,7 @@ fn inspect(buf: &[u8]) -> Result<Option<CheckedHead>, Refusal> {
     Ok(Some(CheckedHead {
         len,
         method: req.method.unwrap_or_default().to_string(),
-        target: req.path.unwrap_or_default().to_string(),
+        target: target.to_string(),
         headers: req
             .headers
             .iter()
@@ -774,6 +781,10 @@ mod tests {
             "a".repeat(2000)
         );
         assert_eq!(statuses(&serve(big.as_bytes()).await), ["431"]);
+        // hyper would serve this as `GET /`, the fragment dropped.
+        let back = serve(b"GET /#x HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(statuses(&back), ["400"], "{back}");
+        assert!(!back.contains("GET /"), "hyper must not see it: {back}");
     }
 
     /// Point 11: a second request behind a bare-LF head is checked too, and
