@@ -8,7 +8,10 @@
 //! override the duration and the number of measured runs; `APILB_BENCH_ONLY`
 //! (e.g. `d,e`) runs only those scenarios and writes
 //! `target/bench-partial-RESULTS.md`; `APILB_BENCH_WRK=0` leaves out scenario
-//! b's wrk runs (only its open loop); `APILB_BENCH_KEEP=1` keeps the temp dir
+//! b's wrk runs (only its open loop); `APILB_BENCH_TWINS=1` adds a second,
+//! identical apilb and HAProxy arm (`apilb-twin`, `haproxy-twin`): how far the
+//! host moves two copies of one proxy apart in the same run, the floor under
+//! any apilb ÷ HAProxy difference; `APILB_BENCH_KEEP=1` keeps the temp dir
 //! with every proxy's config and log.
 
 use std::collections::BTreeMap;
@@ -49,6 +52,8 @@ struct Opts {
     rate: f64,
     /// Scenario b's wrk (closed-loop) runs; off leaves only the open loop.
     wrk: bool,
+    /// A second, identical apilb and HAProxy arm (the run's noise floor).
+    twins: bool,
 }
 
 impl Opts {
@@ -71,6 +76,7 @@ fn opts() -> Opts {
         runs: num("APILB_BENCH_RUNS", if quick { 1 } else { 5 }) as usize,
         rate: num("APILB_BENCH_RATE", 10_000) as f64,
         wrk: std::env::var("APILB_BENCH_WRK").as_deref() != Ok("0"),
+        twins: std::env::var("APILB_BENCH_TWINS").as_deref() == Ok("1"),
         only: std::env::var("APILB_BENCH_ONLY")
             .ok()
             .filter(|v| !v.is_empty()),
@@ -392,8 +398,9 @@ fn start_apilb(
     ca: &Path,
     cert: &Path,
     key: &Path,
-    health: bool,
+    variant: &str,
 ) -> (Proc, Ports) {
+    let health = variant == "hc";
     let p = Ports {
         plain: free_port(),
         tls: free_port(),
@@ -424,7 +431,10 @@ fn start_apilb(
         ca.display(),
         hc("https"),
     );
-    let name = if health { "apilb-hc" } else { "apilb" };
+    let name = match variant {
+        "" => "apilb".to_string(),
+        v => format!("apilb-{v}"),
+    };
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(&cfg, yaml).unwrap();
     let args = vec![
@@ -436,13 +446,13 @@ fn start_apilb(
         cfg.display().to_string(),
     ];
     let proc = spawn_pinned(
-        name,
+        &name,
         Path::new(env!("CARGO_BIN_EXE_apilb")),
         &args,
         &dir.join(format!("{name}.log")),
     );
     for port in [p.plain, p.tls, p.l7] {
-        wait_listening(port, name, &dir.join(format!("{name}.log")));
+        wait_listening(port, &name, &dir.join(format!("{name}.log")));
     }
     (proc, p)
 }
@@ -1038,7 +1048,7 @@ fn main() {
             l7: b.tls[0].port(),
         },
     )];
-    let (p, ports) = start_apilb(d, &b, &ca_file, &cert, &key, false);
+    let (p, ports) = start_apilb(d, &b, &ca_file, &cert, &key, "");
     arms.push(("apilb".into(), Some(p), ports));
     if let Some(bin) = &haproxy {
         let (p, ports) = start_haproxy(bin, d, &b, &pem, "");
@@ -1048,6 +1058,16 @@ fn main() {
         let (p, ports) = start_nginx(bin, d, &b, &cert, &key);
         arms.push(("nginx".into(), Some(p), ports));
     }
+    if o.twins {
+        // A/A: a second, identical apilb and HAProxy measure how far the host
+        // moves two copies of the same proxy apart within one run.
+        let (p, ports) = start_apilb(d, &b, &ca_file, &cert, &key, "twin");
+        arms.push(("apilb-twin".into(), Some(p), ports));
+        if let Some(bin) = &haproxy {
+            let (p, ports) = start_haproxy(bin, d, &b, &pem, "twin");
+            arms.push(("haproxy-twin".into(), Some(p), ports));
+        }
+    }
     // Extra lines: HAProxy without splice (scenario a), health checks on (scenario b).
     let mut extras: Vec<(String, Proc, Ports)> = Vec::new();
     if let Some(bin) = &haproxy {
@@ -1056,7 +1076,7 @@ fn main() {
         let (p, ports) = start_haproxy(bin, d, &b, &pem, "hc");
         extras.push(("haproxy+checks".into(), p, ports));
     }
-    let (p, ports) = start_apilb(d, &b, &ca_file, &cert, &key, true);
+    let (p, ports) = start_apilb(d, &b, &ca_file, &cert, &key, "hc");
     extras.push(("apilb+checks".into(), p, ports));
     // e: behind nghttpd when installed (C, fast enough that the proxy, not the
     // backends, is measured); nginx cannot speak HTTP/2 upstream, so it has no
@@ -1075,7 +1095,7 @@ fn main() {
             let mut v = vec![("direct".into(), None, direct)];
             let dir_e = d.join("e");
             std::fs::create_dir_all(&dir_e).unwrap();
-            let (p, ports) = start_apilb(&dir_e, &eb, &ca_file, &cert, &key, false);
+            let (p, ports) = start_apilb(&dir_e, &eb, &ca_file, &cert, &key, "");
             v.push(("apilb".into(), Some(p), ports));
             if let Some(bin) = &haproxy {
                 let (p, ports) = start_haproxy(bin, &dir_e, &eb, &pem, "");
@@ -1176,7 +1196,7 @@ fn main() {
         }
         for (name, _, ports) in extras
             .iter()
-            .filter(|(n, ..)| n.ends_with("+checks") && o.wants('b'))
+            .filter(|(n, ..)| n.ends_with("+checks") && o.wants('b') && o.wrk)
         {
             let w = wrk(
                 secs,
@@ -1218,7 +1238,7 @@ fn main() {
         if o.wants('d') {
             for name in ["apilb", "haproxy", "nginx"] {
                 let fresh = match name {
-                    "apilb" => Some(start_apilb(d, &b, &ca_file, &cert, &key, false)),
+                    "apilb" => Some(start_apilb(d, &b, &ca_file, &cert, &key, "")),
                     "haproxy" => haproxy
                         .as_ref()
                         .map(|bin| start_haproxy(bin, d, &b, &pem, "")),
@@ -1336,6 +1356,7 @@ fn main() {
             ("APILB_BENCH_RUNS", std::env::var("APILB_BENCH_RUNS").ok()),
             ("APILB_BENCH_ONLY", std::env::var("APILB_BENCH_ONLY").ok()),
             ("APILB_BENCH_WRK", std::env::var("APILB_BENCH_WRK").ok()),
+            ("APILB_BENCH_TWINS", std::env::var("APILB_BENCH_TWINS").ok()),
             ("APILB_BENCH_RATE", std::env::var("APILB_BENCH_RATE").ok()),
         ]
         .iter()
