@@ -1,11 +1,12 @@
-//! Cheap, linear scans of YAML text: one refuses deep nesting before
-//! serde_yaml parses it (a 200 KB deeply nested file otherwise costs seconds
-//! of CPU on every `check` and reload), one finds where a second document
-//! starts (serde_yaml refuses it without saying where).
+//! Looks at YAML text around serde_yaml's parse: a cheap, linear pre-scan
+//! refuses deep nesting before serde_yaml parses it (a 200 KB deeply nested
+//! file otherwise costs seconds of CPU on every `check` and reload), and
+//! after serde_yaml refused a second document without saying where, a
+//! bisection finds where it starts.
 //!
-//! It counts block levels (indentation steps and `- ` sequence entries) plus
-//! open flow collections (`[`, `{`), skipping quoted strings, comments and
-//! block scalars. It over-approximates slightly (a continued plain scalar
+//! The pre-scan counts block levels (indentation steps and `- ` sequence
+//! entries) plus open flow collections (`[`, `{`), skipping quoted strings,
+//! comments and block scalars. It over-approximates slightly (a continued plain scalar
 //! counts one level), which a limit far above any real config absorbs.
 
 /// Deepest nesting accepted; apilb's own schema needs six.

@@ -2,9 +2,9 @@
 //! shapes hyper itself lets through (measured against hyper 1.x):
 //! Content-Length together with Transfer-Encoding (hyper answers it as
 //! chunked) and any Transfer-Encoding but a single `chunked` (hyper takes
-//! `gzip, chunked` and `chunked, chunked`) and a `#` fragment in the target
-//! (hyper drops it silently, as HAProxy refuses it). It also refuses what it cannot
-//! frame for itself: invalid or differing Content-Length, chunk-size lines
+//! `gzip, chunked` and `chunked, chunked`), and a `#` fragment in the target
+//! (hyper drops it silently; HAProxy refuses it). It also refuses what it
+//! cannot frame for itself: invalid or differing Content-Length, chunk-size lines
 //! that are not plain hex (`+5`, `0x5`), bare LF in the chunked framing, and
 //! heads over the size limit (431). Hyper refuses those too; framing them the
 //! same way is what keeps the two from ever disagreeing on where the next
