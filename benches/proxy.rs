@@ -146,16 +146,29 @@ const HALT_POLL: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
 /// of an idle vCPU goes through the hypervisor: ~100 µs, twice per proxied
 /// message, so latency rows measured the host, not the proxies. Polling
 /// 200 µs before halting (the driver's own default) removes that for every
-/// arm alike; the old value comes back when the guard drops.
+/// arm alike; the old value comes back when the guard drops. The parameter
+/// exists whenever the driver is built in, but only matters while it is the
+/// cpuidle driver in use: with none, an idle vCPU halts and nothing here can
+/// change that, which the note says.
 struct HaltPoll {
     old: Option<String>,
 }
+
+const CPUIDLE_DRIVER: &str = "/sys/devices/system/cpu/cpuidle/current_driver";
 
 impl HaltPoll {
     fn set() -> (Self, Option<String>) {
         let Ok(old) = std::fs::read_to_string(HALT_POLL) else {
             return (HaltPoll { old: None }, None);
         };
+        let driver = std::fs::read_to_string(CPUIDLE_DRIVER).unwrap_or_default();
+        let driver = driver.trim();
+        if driver != "haltpoll" {
+            let note = format!(
+                "cpuidle driver `{driver}`, not haltpoll: an idle vCPU halts and its wake-up goes through the hypervisor for every arm (guest_halt_poll_ns unused)"
+            );
+            return (HaltPoll { old: None }, Some(note));
+        }
         let old = old.trim().to_string();
         if std::fs::write(HALT_POLL, "200000").is_err() {
             let note = format!("guest_halt_poll_ns = 200000 refused (kept {old})");
