@@ -854,16 +854,16 @@ fn fixed_rate(
         .iter()
         .map(|(_, p, _)| p.as_ref().map(Proc::pid))
         .collect();
-    let sw0: Vec<f64> = pids.iter().map(|p| p.map_or(f64::NAN, switches)).collect();
-    let got = openloop::run(&targets, "/1k", &load)
-        .unwrap_or_else(|e| panic!("open-loop load ({kind}, c={conns}): {e}"));
-    let served = rate * secs as f64;
-    let s = format!("b keep-alive 1 KiB, {kind}, c={conns}");
-    let k = rate / 1000.0;
     let direct = arms
         .iter()
         .position(|(n, ..)| n == "direct")
         .expect("a direct arm");
+    let sw0: Vec<f64> = pids.iter().map(|p| p.map_or(f64::NAN, switches)).collect();
+    let got = openloop::run(&targets, "/1k", &load, direct)
+        .unwrap_or_else(|e| panic!("open-loop load ({kind}, c={conns}): {e}"));
+    let served = rate * secs as f64;
+    let s = format!("b keep-alive 1 KiB, {kind}, c={conns}");
+    let k = rate / 1000.0;
     let base = [
         got[direct].p50_us,
         got[direct].p99_us,
@@ -874,8 +874,8 @@ fn fixed_rate(
     for (a, ((name, ..), l)) in arms.iter().zip(&got).enumerate() {
         let v = [l.p50_us, l.p99_us, l.p999_us, l.slice_p99_us];
         eprintln!(
-            "  open loop {rate} req/s {kind} c={conns} {name}: p50 {:.0} p99 {:.0} p99.9 {:.0} µs, median slice p99 {:.0} µs",
-            v[0], v[1], v[2], v[3]
+            "  open loop {rate} req/s {kind} c={conns} {name}: p50 {:.0} p99 {:.0} p99.9 {:.0} µs, median slice p99 {:.0} µs ({:.0} after direct, {:.0} after a proxy)",
+            v[0], v[1], v[2], v[3], l.slice_p99_after_quiet_us, l.slice_p99_after_busy_us
         );
         if name == "direct" {
             continue;

@@ -9,10 +9,13 @@
 //! One thread drives every connection through epoll, woken by an absolute
 //! timerfd at each due time (µs precision; wrk2 does the same job and is not
 //! packaged here), so the generator adds one runnable thread to its CPU.
-//! Several targets share one run in turns of a short slice each, so a stall
-//! of the shared host lands on all of them alike, and each target's summary
-//! has the median over its slices of the slice's own p99 next to the whole
-//! run's percentiles.
+//! Several targets share one run in turns of a short slice each, in a new
+//! pseudo-random order every cycle, so a stall of the shared host lands on
+//! all of them alike and no target always follows the same one (one that
+//! leaves the proxies' CPU idle, the direct arm, would otherwise hand its
+//! successor a halted CPU every slice); each target's summary has the median
+//! over its slices of the slice's own p99 next to the whole run's
+//! percentiles.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -52,18 +55,23 @@ pub struct Latency {
     /// The median over slices of each slice's own p99: a stall of the host
     /// that hits a few slices moves p99 and p99.9 but hardly this.
     pub slice_p99_us: f64,
+    /// The same median over only the slices that followed the `quiet`
+    /// target, and over the others.
+    pub slice_p99_after_quiet_us: f64,
+    pub slice_p99_after_busy_us: f64,
 }
 
 const TIMER: Token = Token(usize::MAX);
 
 /// Runs `load` against every target, GET `path` on every connection.
 ///
-/// The targets take turns in slices of `load.slice` (the order rotating from
-/// one cycle to the next), so a disturbance of the shared host lasting longer
-/// than a few slices lands on every target alike instead of on whichever ran
-/// at that moment; only one target is loaded at a time, so they do not queue
-/// behind each other either. Returns one latency summary per target.
-pub fn run(targets: &[Target], path: &str, load: &Load) -> io::Result<Vec<Latency>> {
+/// The targets take turns in slices of `load.slice` (in a new order every
+/// cycle), so a disturbance of the shared host lasting longer than a few
+/// slices lands on every target alike instead of on whichever ran at that
+/// moment; only one target is loaded at a time, so they do not queue behind
+/// each other either. Slices that followed target `quiet` are also
+/// summarized apart. Returns one latency summary per target.
+pub fn run(targets: &[Target], path: &str, load: &Load, quiet: usize) -> io::Result<Vec<Latency>> {
     let mut poll = Poll::new()?;
     let mut conns = Vec::with_capacity(targets.len() * load.conns);
     for (t, target) in targets.iter().enumerate() {
@@ -91,7 +99,8 @@ pub fn run(targets: &[Target], path: &str, load: &Load) -> io::Result<Vec<Latenc
     let total = (load.secs * load.rate) as u64 * n;
     let begin = now_ns() + 20_000_000;
     let give_up = begin + total * step + 10_000_000_000;
-    let mut lat: Vec<Vec<u64>> = targets.iter().map(|_| Vec::new()).collect();
+    let mut lat: Vec<Vec<(u64, u64)>> = targets.iter().map(|_| Vec::new()).collect();
+    let mut order = Order::new(targets.len());
     let mut sent = vec![0u64; targets.len()];
     let mut done = 0usize;
     let mut events = Events::with_capacity(1024);
@@ -105,10 +114,10 @@ pub fn run(targets: &[Target], path: &str, load: &Load) -> io::Result<Vec<Latenc
         }
         while next < total && begin + next * step <= now {
             let slice = next / per_slice;
-            let t = ((slice + slice / n) % n) as usize;
+            let t = order.target(slice);
             let c = &mut conns[t * load.conns + (sent[t] % load.conns as u64) as usize];
             sent[t] += 1;
-            c.due.push_back(begin + next * step);
+            c.due.push_back((begin + next * step, slice));
             c.send_if_idle()?;
             next += 1;
         }
@@ -127,25 +136,80 @@ pub fn run(targets: &[Target], path: &str, load: &Load) -> io::Result<Vec<Latenc
     }
     Ok(lat
         .into_iter()
-        .map(|l| summarize(l, per_slice as usize))
+        .map(|l| summarize(l, |slice| order.before(slice) == Some(quiet)))
         .collect())
 }
 
-/// Percentiles of `lat` (in completion order, so each run of `per_slice`
-/// responses is about one slice's worth).
-fn summarize(mut lat: Vec<u64>, per_slice: usize) -> Latency {
-    let mut slices: Vec<f64> = lat
-        .chunks_mut(per_slice)
-        .filter(|c| c.len() == per_slice)
-        .map(|c| percentile(c, 0.99))
-        .collect();
-    slices.sort_unstable_by(f64::total_cmp);
-    Latency {
-        p50_us: percentile(&mut lat, 0.50),
-        p99_us: percentile(&mut lat, 0.99),
-        p999_us: percentile(&mut lat, 0.999),
-        slice_p99_us: slices.get(slices.len() / 2).copied().unwrap_or(f64::NAN),
+/// Which target holds each slice: cycle `k` is a permutation of the targets
+/// drawn by a fixed-seed xorshift (the same sequence every run), so each
+/// target follows each other one about equally often.
+struct Order {
+    n: usize,
+    cycles: Vec<Vec<usize>>,
+    rng: u64,
+}
+
+impl Order {
+    fn new(n: usize) -> Self {
+        Order {
+            n,
+            cycles: Vec::new(),
+            rng: 0x9E37_79B9_7F4A_7C15,
+        }
     }
+
+    fn target(&mut self, slice: u64) -> usize {
+        let cycle = (slice / self.n as u64) as usize;
+        while self.cycles.len() <= cycle {
+            let mut p: Vec<usize> = (0..self.n).collect();
+            for i in (1..self.n).rev() {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                p.swap(i, (self.rng % (i as u64 + 1)) as usize);
+            }
+            self.cycles.push(p);
+        }
+        self.cycles[cycle][(slice % self.n as u64) as usize]
+    }
+
+    /// The target of the slice before `slice`, if that slice was drawn.
+    fn before(&self, slice: u64) -> Option<usize> {
+        let prev = slice.checked_sub(1)?;
+        let cycle = self.cycles.get((prev / self.n as u64) as usize)?;
+        Some(cycle[(prev % self.n as u64) as usize])
+    }
+}
+
+/// Percentiles of `(slice, latency)` samples, and the median of per-slice
+/// p99s overall, after the quiet target, and after any other.
+fn summarize(mut lat: Vec<(u64, u64)>, after_quiet: impl Fn(u64) -> bool) -> Latency {
+    lat.sort_unstable();
+    let (mut all, mut quiet, mut busy) = (Vec::new(), Vec::new(), Vec::new());
+    for chunk in lat.chunk_by(|a, b| a.0 == b.0) {
+        let mut ns: Vec<u64> = chunk.iter().map(|x| x.1).collect();
+        let p = percentile(&mut ns, 0.99);
+        all.push(p);
+        if after_quiet(chunk[0].0) {
+            quiet.push(p)
+        } else {
+            busy.push(p)
+        }
+    }
+    let mut ns: Vec<u64> = lat.into_iter().map(|x| x.1).collect();
+    Latency {
+        p50_us: percentile(&mut ns, 0.50),
+        p99_us: percentile(&mut ns, 0.99),
+        p999_us: percentile(&mut ns, 0.999),
+        slice_p99_us: median(all),
+        slice_p99_after_quiet_us: median(quiet),
+        slice_p99_after_busy_us: median(busy),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_unstable_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The `p` quantile of nanosecond samples, in microseconds (sorts them).
@@ -229,7 +293,8 @@ struct Conn {
     /// Index of the target this connection goes to.
     target: usize,
     buf: Vec<u8>,
-    due: VecDeque<u64>,
+    /// Due time and slice of each request on the wire or waiting.
+    due: VecDeque<(u64, u64)>,
     busy: bool,
 }
 
@@ -273,7 +338,7 @@ impl Conn {
         let mut poll = Poll::new()?;
         poll.registry()
             .register(&mut self.sock, Token(0), Interest::READABLE)?;
-        self.due.push_back(now_ns());
+        self.due.push_back((now_ns(), 0));
         self.send_if_idle()?;
         let mut sink = Vec::new();
         let mut events = Events::with_capacity(4);
@@ -316,7 +381,7 @@ impl Conn {
     /// Reads what arrived; a complete response records its latency and
     /// sends the next request already due on this connection. Returns how
     /// many responses completed.
-    fn on_ready(&mut self, lat: &mut Vec<u64>) -> io::Result<usize> {
+    fn on_ready(&mut self, lat: &mut Vec<(u64, u64)>) -> io::Result<usize> {
         self.read_available()?;
         let mut n = 0;
         while self.busy {
@@ -327,8 +392,8 @@ impl Conn {
                 break;
             }
             self.buf.drain(..len);
-            let due = self.due.pop_front().expect("a request was on the wire");
-            lat.push(now_ns().saturating_sub(due));
+            let (due, slice) = self.due.pop_front().expect("a request was on the wire");
+            lat.push((slice, now_ns().saturating_sub(due)));
             self.busy = false;
             n += 1;
             self.send_if_idle()?;
