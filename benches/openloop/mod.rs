@@ -11,11 +11,10 @@
 //! packaged here), so the generator adds one runnable thread to its CPU.
 //! Several targets share one run in turns of a short slice each, in a new
 //! pseudo-random order every cycle, so a stall of the shared host lands on
-//! all of them alike and no target always follows the same one (one that
-//! leaves the proxies' CPU idle, the direct arm, would otherwise hand its
-//! successor a halted CPU every slice); each target's summary has the median
-//! over its slices of the slice's own p99 next to the whole run's
-//! percentiles.
+//! all of them alike and no target always follows the same one (the direct
+//! arm leaves the proxies' CPU idle; whether that slows the next slice is
+//! reported, not assumed); each target's summary has the median over its
+//! slices of the slice's own p99 next to the whole run's percentiles.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
