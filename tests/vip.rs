@@ -130,6 +130,16 @@ impl Drop for Lab {
         self.nodes.clear();
         self.etcd.clear();
         for ns in &self.namespaces {
+            // A process no `Proc` owns (the successor of a SIGUSR2 re-exec)
+            // would outlive the test in a deleted namespace.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    if let Ok(pid) = pid.parse::<i32>() {
+                        // SAFETY: kill(2) on a process in this test's own namespace.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = Command::new("ip")
