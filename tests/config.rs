@@ -105,7 +105,7 @@ fn invalid_cases(tmp: &std::path::Path) -> Vec<(String, &'static str)> {
         ),
         (
             format!("{http_fe}{GOOD_POOL}    tls:\n      insecure_skip_verify: true\n").replace("mode: http\n", "mode: http\n    forwarded_for: prepend\n    strip_headers: ['bad header']\n"),
-            "frontends[0].forwarded_for",
+            "frontends[0].forwarded_for: unknown value \"prepend\": expected replace or append",
         ),
         (
             format!("{http_fe}{GOOD_POOL}    tls:\n      insecure_skip_verify: true\n").replace("mode: http\n", "mode: http\n    splice: true\n"),
@@ -130,7 +130,11 @@ fn invalid_cases(tmp: &std::path::Path) -> Vec<(String, &'static str)> {
         ),
         (
             format!("frontends:\n  - {{name: a, listen: '127.0.0.1:7000', pool: p}}\n  - {{name: b, listen: '127.0.0.1:7000', pool: p}}\n{GOOD_POOL}"),
-            "frontends[1].listen",
+            "frontends[1].listen: 127.0.0.1:7000 is already used by frontends[0]",
+        ),
+        (
+            format!("admin:\n  listen: 127.0.0.1:7404\nfrontends:\n  - {{name: f, listen: '127.0.0.1:7404', pool: p}}\n{GOOD_POOL}"),
+            "frontends[0].listen: 127.0.0.1:7404 is already used by admin.listen",
         ),
         (
             format!("frontends:\n  - name: f\n    listen: localhost-8443\n    pool: p\n{GOOD_POOL}"),
@@ -163,9 +167,9 @@ fn invalid_cases(tmp: &std::path::Path) -> Vec<(String, &'static str)> {
             "pools[0].health.tls.ca_file",
         ),
         (format!("{GOOD_FE}{GOOD_POOL}    health:\n      check: https\n"), "pools[0].health.tls.ca_file"),
-        (format!("{GOOD_FE}{GOOD_POOL}    health:\n      check: icmp\n"), "pools[0].health.check"),
-        (format!("{GOOD_FE}{GOOD_POOL}    balance: random\n"), "pools[0].balance"),
-        (format!("{GOOD_FE}{GOOD_POOL}    when_all_down: panic\n"), "pools[0].when_all_down"),
+        (format!("{GOOD_FE}{GOOD_POOL}    health:\n      check: icmp\n"), "pools[0].health.check: unknown check \"icmp\": expected tcp, http, https or none"),
+        (format!("{GOOD_FE}{GOOD_POOL}    balance: random\n"), "pools[0].balance: unknown balance \"random\": expected round-robin or least-connections"),
+        (format!("{GOOD_FE}{GOOD_POOL}    when_all_down: panic\n"), "pools[0].when_all_down: unknown policy \"panic\": expected try-all or reject"),
         (format!("{GOOD_FE}{GOOD_POOL}    connect_attempts: 0\n"), "pools[0].connect_attempts"),
         (
             format!("frontends:\n  - name: f\n    listen: 127.0.0.1:0\n    pool: p\n    max_connections: 0\n{GOOD_POOL}"),
@@ -173,7 +177,7 @@ fn invalid_cases(tmp: &std::path::Path) -> Vec<(String, &'static str)> {
         ),
         (
             format!("frontends:\n  - name: f\n    listen: 127.0.0.1:0\n    pool: p\n    mode: udp\n{GOOD_POOL}"),
-            "frontends[0].mode",
+            "frontends[0].mode: unknown mode \"udp\": expected tcp or http",
         ),
         (format!("{GOOD_FE}{GOOD_POOL}    health:\n      rize: 2\n"), "unknown field `rize`"),
         (format!("{GOOD_FE}{GOOD_POOL}    health:\n      path: readyz\n"), "pools[0].health.path"),
@@ -290,4 +294,30 @@ fn servers_accept_etcd_form_and_resolve_hostnames() {
     let bad = format!("{GOOD_FE}pools:\n  - name: p\n    servers: ['no-such-host.invalid:6443']\n");
     let e = apilb::config::parse(&bad).unwrap_err().to_string();
     assert!(e.contains("pools[0].servers[0]: cannot resolve"), "{e}");
+}
+
+#[test]
+fn word_fields_take_their_defaults_and_aliases() {
+    use apilb::config::{AllDownPolicy, Balance, CheckKind, Mode};
+    let c = apilb::config::parse(&format!("{GOOD_FE}{GOOD_POOL}")).unwrap();
+    let (f, p) = (&c.frontends[0], &c.pools[0]);
+    assert_eq!(f.mode, Mode::Tcp);
+    assert_eq!(p.balance, Balance::RoundRobin);
+    assert_eq!(p.when_all_down, AllDownPolicy::TryAll);
+    assert_eq!(p.health.check, CheckKind::Tcp);
+    for (word, want) in [
+        ("roundrobin", Balance::RoundRobin),
+        ("leastconn", Balance::LeastConnections),
+        ("least-connections", Balance::LeastConnections),
+    ] {
+        let c =
+            apilb::config::parse(&format!("{GOOD_FE}{GOOD_POOL}    balance: {word}\n")).unwrap();
+        assert_eq!(c.pools[0].balance, want, "{word}");
+    }
+    let c = apilb::config::parse(&format!(
+        "{GOOD_FE}{GOOD_POOL}    when_all_down: reject\n    health:\n      check: none\n"
+    ))
+    .unwrap();
+    assert_eq!(c.pools[0].when_all_down, AllDownPolicy::Reject);
+    assert_eq!(c.pools[0].health.check, CheckKind::None);
 }

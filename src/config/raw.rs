@@ -95,7 +95,7 @@ pub struct RawUpstreamTls {
     pub insecure_skip_verify: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealth {
     pub check: Option<String>,

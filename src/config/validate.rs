@@ -151,6 +151,23 @@ impl Errors {
         Some(name.clone())
     }
 
+    /// One of a fixed set of words (the first is the default when unset), or
+    /// an error naming the words accepted.
+    fn choice<T: Copy>(
+        &mut self,
+        path: String,
+        (what, expected): (&str, &str),
+        value: Option<&str>,
+        words: &[(&str, T)],
+    ) -> Option<T> {
+        let v = value.unwrap_or(words[0].0);
+        let found = words.iter().find(|(w, _)| *w == v).map(|(_, t)| *t);
+        if found.is_none() {
+            self.push(path, format!("unknown {what} {v:?}: expected {expected}"));
+        }
+        found
+    }
+
     /// A cert/key pair: both or neither.
     pub(super) fn pair(
         &mut self,
@@ -197,152 +214,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
-    let pools: Vec<PoolConfig> = raw
-        .pools
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| pool(&mut errs, i, p))
-        .collect();
-    let mut pool_names = HashSet::new();
-    for (i, p) in raw.pools.iter().enumerate() {
-        if let Some(name) = p.name.as_deref() {
-            if !pool_names.insert(name) {
-                errs.push(
-                    format!("pools[{i}].name"),
-                    format!("duplicate pool name {name:?}"),
-                );
-            }
-        }
-    }
-
-    let mut frontends = Vec::new();
-    let mut fe_names = HashSet::new();
-    let mut fe_addrs: HashMap<SocketAddr, usize> = HashMap::new();
-    if let Some(a) = admin_addr {
-        if a.port() != 0 {
-            fe_addrs.insert(a, usize::MAX);
-        }
-    }
-    if raw.frontends.is_empty() {
-        errs.push("frontends", "at least one frontend is required");
-    }
-    for (i, f) in raw.frontends.iter().enumerate() {
-        let base = format!("frontends[{i}]");
-        let name = errs.required(format!("{base}.name"), &f.name);
-        if let Some(n) = name {
-            if !fe_names.insert(n) {
-                errs.push(
-                    format!("{base}.name"),
-                    format!("duplicate frontend name {n:?}"),
-                );
-            }
-        }
-        let listen = errs
-            .required(format!("{base}.listen"), &f.listen)
-            .and_then(|l| errs.socket_addr(format!("{base}.listen"), l));
-        if let Some(a) = listen {
-            // Port 0 asks the kernel for a free port: never a clash (tests use it).
-            if a.port() != 0 {
-                match fe_addrs.insert(a, i) {
-                    Some(usize::MAX) => errs.push(
-                        format!("{base}.listen"),
-                        format!("{a} is already used by admin.listen"),
-                    ),
-                    Some(j) => errs.push(
-                        format!("{base}.listen"),
-                        format!("{a} is already used by frontends[{j}]"),
-                    ),
-                    None => {}
-                }
-            }
-        }
-        let mode = match f.mode.as_deref().unwrap_or("tcp") {
-            "tcp" => Some(Mode::Tcp),
-            "http" => Some(Mode::Http),
-            other => {
-                errs.push(
-                    format!("{base}.mode"),
-                    format!("unknown mode {other:?}: expected tcp or http"),
-                );
-                None
-            }
-        };
-        let http = match mode {
-            Some(Mode::Http) => {
-                for (key, set) in [
-                    ("idle_timeout", f.idle_timeout.is_some()),
-                    ("splice", f.splice.is_some()),
-                ] {
-                    if set {
-                        errs.push(format!("{base}.{key}"), "only used with mode: tcp");
-                    }
-                }
-                http_frontend(&mut errs, &base, f)
-            }
-            _ => {
-                if f.tls.is_some() {
-                    errs.push(
-                        format!("{base}.tls"),
-                        "only http frontends terminate TLS; a tcp frontend passes it through",
-                    );
-                }
-                for (key, set) in [
-                    ("request_timeout", f.request_timeout.is_some()),
-                    ("header_timeout", f.header_timeout.is_some()),
-                    ("max_header_bytes", f.max_header_bytes.is_some()),
-                    (
-                        "http2_max_concurrent_streams",
-                        f.http2_max_concurrent_streams.is_some(),
-                    ),
-                    ("strip_headers", f.strip_headers.is_some()),
-                    ("forwarded_for", f.forwarded_for.is_some()),
-                ] {
-                    if set {
-                        errs.push(format!("{base}.{key}"), "only used with mode: http");
-                    }
-                }
-                None
-            }
-        };
-        let pool = errs.required(format!("{base}.pool"), &f.pool);
-        if let Some(p) = pool {
-            if !pool_names.contains(p) {
-                errs.push(format!("{base}.pool"), format!("no pool named {p:?}"));
-            } else if mode == Some(Mode::Http) {
-                let pi = raw
-                    .pools
-                    .iter()
-                    .position(|rp| rp.name.as_deref() == Some(p));
-                if let Some(pi) = pi {
-                    let t = raw.pools[pi].tls.as_ref();
-                    if !t.is_some_and(|t| t.ca_file.is_some() || t.insecure_skip_verify) {
-                        errs.push(
-                            format!("pools[{pi}].tls.ca_file"),
-                            format!("is required: http frontend {:?} sends requests to this pool over TLS (or set insecure_skip_verify: true)", name.unwrap_or("")),
-                        );
-                    }
-                }
-            }
-        }
-        let max_connections = f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
-        if max_connections == 0 {
-            errs.push(format!("{base}.max_connections"), "must be at least 1");
-        }
-        let idle_timeout = errs.opt_duration(format!("{base}.idle_timeout"), &f.idle_timeout);
-        if let (Some(name), Some(listen), Some(mode), Some(pool)) = (name, listen, mode, pool) {
-            frontends.push(FrontendConfig {
-                name: name.to_string(),
-                listen,
-                mode,
-                pool: pool.to_string(),
-                max_connections,
-                idle_timeout,
-                splice: f.splice.unwrap_or(false),
-                http,
-            });
-        }
-    }
-
+    let pools = pools(&mut errs, raw);
+    let frontends = frontends(&mut errs, raw, admin_addr);
     let mut listens: Vec<SocketAddr> = frontends.iter().map(|f| f.listen).collect();
     listens.extend(admin_addr);
     loop_check(&mut errs, &pools, &listens);
@@ -366,6 +239,191 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigError> {
         vip,
         certificates: errs.1,
     })
+}
+
+/// Every valid pool, and an error for each name used twice.
+fn pools(errs: &mut Errors, raw: &RawConfig) -> Vec<PoolConfig> {
+    let pools = raw
+        .pools
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| pool(errs, i, p))
+        .collect();
+    let mut names = HashSet::new();
+    for (i, p) in raw.pools.iter().enumerate() {
+        if let Some(name) = p.name.as_deref() {
+            if !names.insert(name) {
+                errs.push(
+                    format!("pools[{i}].name"),
+                    format!("duplicate pool name {name:?}"),
+                );
+            }
+        }
+    }
+    pools
+}
+
+/// What the frontends checked so far have taken, so that no two share it.
+struct Taken<'a> {
+    names: HashSet<&'a str>,
+    /// Listen address → the frontend's index (`usize::MAX`: admin.listen).
+    addrs: HashMap<SocketAddr, usize>,
+    /// Every pool name in the config.
+    pools: HashSet<&'a str>,
+}
+
+/// Every valid frontend; refuses names and listen addresses used twice.
+fn frontends(errs: &mut Errors, raw: &RawConfig, admin: Option<SocketAddr>) -> Vec<FrontendConfig> {
+    let mut taken = Taken {
+        names: HashSet::new(),
+        addrs: HashMap::new(),
+        pools: raw.pools.iter().filter_map(|p| p.name.as_deref()).collect(),
+    };
+    // Port 0 asks the kernel for a free port: never a clash (tests use it).
+    if let Some(a) = admin.filter(|a| a.port() != 0) {
+        taken.addrs.insert(a, usize::MAX);
+    }
+    if raw.frontends.is_empty() {
+        errs.push("frontends", "at least one frontend is required");
+    }
+    raw.frontends
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| frontend(errs, raw, &mut taken, i, f))
+        .collect()
+}
+
+fn frontend<'a>(
+    errs: &mut Errors,
+    raw: &RawConfig,
+    taken: &mut Taken<'a>,
+    i: usize,
+    f: &'a RawFrontend,
+) -> Option<FrontendConfig> {
+    let base = format!("frontends[{i}]");
+    let name = errs.required(format!("{base}.name"), &f.name);
+    if let Some(n) = name.filter(|n| !taken.names.insert(*n)) {
+        errs.push(
+            format!("{base}.name"),
+            format!("duplicate frontend name {n:?}"),
+        );
+    }
+    let listen = errs
+        .required(format!("{base}.listen"), &f.listen)
+        .and_then(|l| errs.socket_addr(format!("{base}.listen"), l));
+    if let Some(a) = listen.filter(|a| a.port() != 0) {
+        let used_by = match taken.addrs.insert(a, i) {
+            Some(usize::MAX) => Some("admin.listen".to_string()),
+            Some(j) => Some(format!("frontends[{j}]")),
+            None => None,
+        };
+        if let Some(u) = used_by {
+            errs.push(
+                format!("{base}.listen"),
+                format!("{a} is already used by {u}"),
+            );
+        }
+    }
+    let mode = errs.choice(
+        format!("{base}.mode"),
+        ("mode", "tcp or http"),
+        f.mode.as_deref(),
+        &[("tcp", Mode::Tcp), ("http", Mode::Http)],
+    );
+    let http = mode_fields(errs, &base, mode, f);
+    let pool = frontend_pool(errs, raw, &taken.pools, (&base, f), mode, name);
+    let max_connections = f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if max_connections == 0 {
+        errs.push(format!("{base}.max_connections"), "must be at least 1");
+    }
+    let idle_timeout = errs.opt_duration(format!("{base}.idle_timeout"), &f.idle_timeout);
+    Some(FrontendConfig {
+        idle_timeout,
+        name: name?.to_string(),
+        listen: listen?,
+        mode: mode?,
+        pool: pool?.to_string(),
+        max_connections,
+        splice: f.splice.unwrap_or(false),
+        http,
+    })
+}
+
+/// The fields of the frontend's mode; the other mode's fields are errors.
+fn mode_fields(
+    errs: &mut Errors,
+    base: &str,
+    mode: Option<Mode>,
+    f: &RawFrontend,
+) -> Option<HttpFrontend> {
+    let only_with = |errs: &mut Errors, mode: &str, fields: &[(&str, bool)]| {
+        for (key, _) in fields.iter().filter(|(_, set)| *set) {
+            errs.push(
+                format!("{base}.{key}"),
+                format!("only used with mode: {mode}"),
+            );
+        }
+    };
+    if mode == Some(Mode::Http) {
+        let tcp_only = [
+            ("idle_timeout", f.idle_timeout.is_some()),
+            ("splice", f.splice.is_some()),
+        ];
+        only_with(errs, "tcp", &tcp_only);
+        return http_frontend(errs, base, f);
+    }
+    if f.tls.is_some() {
+        errs.push(
+            format!("{base}.tls"),
+            "only http frontends terminate TLS; a tcp frontend passes it through",
+        );
+    }
+    let http_only = [
+        ("request_timeout", f.request_timeout.is_some()),
+        ("header_timeout", f.header_timeout.is_some()),
+        ("max_header_bytes", f.max_header_bytes.is_some()),
+        (
+            "http2_max_concurrent_streams",
+            f.http2_max_concurrent_streams.is_some(),
+        ),
+        ("strip_headers", f.strip_headers.is_some()),
+        ("forwarded_for", f.forwarded_for.is_some()),
+    ];
+    only_with(errs, "http", &http_only);
+    None
+}
+
+/// The frontend's pool: it must exist, and an http frontend's pool must be
+/// able to verify the apiservers' certificates.
+fn frontend_pool<'a>(
+    errs: &mut Errors,
+    raw: &RawConfig,
+    pools: &HashSet<&str>,
+    (base, f): (&str, &'a RawFrontend),
+    mode: Option<Mode>,
+    name: Option<&str>,
+) -> Option<&'a str> {
+    let p = errs.required(format!("{base}.pool"), &f.pool)?;
+    if !pools.contains(p) {
+        errs.push(format!("{base}.pool"), format!("no pool named {p:?}"));
+        return Some(p);
+    }
+    let Some(pi) = raw
+        .pools
+        .iter()
+        .position(|rp| rp.name.as_deref() == Some(p))
+    else {
+        return Some(p);
+    };
+    let t = raw.pools[pi].tls.as_ref();
+    if mode == Some(Mode::Http) && !t.is_some_and(|t| t.ca_file.is_some() || t.insecure_skip_verify)
+    {
+        errs.push(
+            format!("pools[{pi}].tls.ca_file"),
+            format!("is required: http frontend {:?} sends requests to this pool over TLS (or set insecure_skip_verify: true)", name.unwrap_or("")),
+        );
+    }
+    Some(p)
 }
 
 /// Refuses pool servers that are apilb's own frontend or admin addresses.
@@ -392,17 +450,17 @@ fn loop_check(errs: &mut Errors, pools: &[PoolConfig], listens: &[SocketAddr]) {
 fn pool(errs: &mut Errors, i: usize, p: &RawPool) -> Option<PoolConfig> {
     let base = format!("pools[{i}]");
     let name = errs.required(format!("{base}.name"), &p.name);
-    let balance = match p.balance.as_deref().unwrap_or("round-robin") {
-        "round-robin" | "roundrobin" => Some(Balance::RoundRobin),
-        "least-connections" | "leastconn" => Some(Balance::LeastConnections),
-        other => {
-            errs.push(
-                format!("{base}.balance"),
-                format!("unknown balance {other:?}: expected round-robin or least-connections"),
-            );
-            None
-        }
-    };
+    let balance = errs.choice(
+        format!("{base}.balance"),
+        ("balance", "round-robin or least-connections"),
+        p.balance.as_deref(),
+        &[
+            ("round-robin", Balance::RoundRobin),
+            ("roundrobin", Balance::RoundRobin),
+            ("least-connections", Balance::LeastConnections),
+            ("leastconn", Balance::LeastConnections),
+        ],
+    );
     if p.servers.is_empty() {
         errs.push(format!("{base}.servers"), "at least one server is required");
     }
@@ -433,45 +491,17 @@ fn pool(errs: &mut Errors, i: usize, p: &RawPool) -> Option<PoolConfig> {
             format!("must be between 1 and {MAX_CONNECT_ATTEMPTS}"),
         );
     }
-    let when_all_down = match p.when_all_down.as_deref().unwrap_or("try-all") {
-        "try-all" => Some(AllDownPolicy::TryAll),
-        "reject" => Some(AllDownPolicy::Reject),
-        other => {
-            errs.push(
-                format!("{base}.when_all_down"),
-                format!("unknown policy {other:?}: expected try-all or reject"),
-            );
-            None
-        }
-    };
+    let when_all_down = errs.choice(
+        format!("{base}.when_all_down"),
+        ("policy", "try-all or reject"),
+        p.when_all_down.as_deref(),
+        &[
+            ("try-all", AllDownPolicy::TryAll),
+            ("reject", AllDownPolicy::Reject),
+        ],
+    );
     let drain_timeout = errs.opt_duration(format!("{base}.drain_timeout"), &p.drain_timeout);
-    let tls = p.tls.as_ref().map(|t| {
-        let tb = format!("{base}.tls");
-        let ca_file = t
-            .ca_file
-            .as_ref()
-            .and_then(|_| errs.cert_file(format!("{tb}.ca_file"), &t.ca_file));
-        let (front_proxy_cert_file, front_proxy_key_file) = errs.pair(
-            &tb,
-            ("front_proxy_cert_file", &t.front_proxy_cert_file),
-            ("front_proxy_key_file", &t.front_proxy_key_file),
-        );
-        UpstreamTls {
-            ca_file,
-            server_name: errs.server_name(format!("{tb}.server_name"), &t.server_name),
-            front_proxy_cert_file,
-            front_proxy_key_file,
-            insecure_skip_verify: t.insecure_skip_verify,
-        }
-    });
-    if let Some(t) = &p.tls {
-        if t.insecure_skip_verify && t.ca_file.is_some() {
-            errs.push(
-                format!("{base}.tls.insecure_skip_verify"),
-                "contradicts ca_file: set one or the other",
-            );
-        }
-    }
+    let tls = p.tls.as_ref().map(|t| upstream_tls(errs, &base, t));
     let health = health(errs, &base, p.health.as_ref());
     let upstream = upstream_limits(errs, &base, p.upstream.as_ref());
     let discovery = p
@@ -492,6 +522,34 @@ fn pool(errs: &mut Errors, i: usize, p: &RawPool) -> Option<PoolConfig> {
         members: Default::default(),
         upstream,
     })
+}
+
+/// A pool's `tls`: how apilb verifies the apiservers and proves itself to them.
+fn upstream_tls(errs: &mut Errors, base: &str, t: &RawUpstreamTls) -> UpstreamTls {
+    let tb = format!("{base}.tls");
+    let ca_file = t
+        .ca_file
+        .as_ref()
+        .and_then(|_| errs.cert_file(format!("{tb}.ca_file"), &t.ca_file));
+    let (front_proxy_cert_file, front_proxy_key_file) = errs.pair(
+        &tb,
+        ("front_proxy_cert_file", &t.front_proxy_cert_file),
+        ("front_proxy_key_file", &t.front_proxy_key_file),
+    );
+    let server_name = errs.server_name(format!("{tb}.server_name"), &t.server_name);
+    if t.insecure_skip_verify && t.ca_file.is_some() {
+        errs.push(
+            format!("{tb}.insecure_skip_verify"),
+            "contradicts ca_file: set one or the other",
+        );
+    }
+    UpstreamTls {
+        ca_file,
+        server_name,
+        front_proxy_cert_file,
+        front_proxy_key_file,
+        insecure_skip_verify: t.insecure_skip_verify,
+    }
 }
 
 fn upstream_limits(
@@ -579,17 +637,17 @@ fn http_frontend(errs: &mut Errors, base: &str, f: &RawFrontend) -> Option<HttpF
         .as_ref()
         .and_then(|_| errs.cert_file(format!("{tb}.client_ca_file"), &t.client_ca_file));
     let strip_headers = header_names(errs, base, f.strip_headers.as_deref().unwrap_or(&[]));
-    let forwarded_for = match f.forwarded_for.as_deref().unwrap_or("replace") {
-        "replace" => ForwardedFor::Replace,
-        "append" => ForwardedFor::Append,
-        other => {
-            errs.push(
-                format!("{base}.forwarded_for"),
-                format!("unknown value {other:?}: expected replace or append"),
-            );
-            ForwardedFor::Replace
-        }
-    };
+    let forwarded_for = errs
+        .choice(
+            format!("{base}.forwarded_for"),
+            ("value", "replace or append"),
+            f.forwarded_for.as_deref(),
+            &[
+                ("replace", ForwardedFor::Replace),
+                ("append", ForwardedFor::Append),
+            ],
+        )
+        .unwrap_or_default();
     Some(HttpFrontend {
         strip_headers,
         forwarded_for,
@@ -620,30 +678,19 @@ fn header_names(errs: &mut Errors, base: &str, names: &[String]) -> Vec<String> 
 
 fn health(errs: &mut Errors, pool_base: &str, h: Option<&RawHealth>) -> Option<HealthConfig> {
     let base = format!("{pool_base}.health");
-    let empty = RawHealth {
-        check: None,
-        path: None,
-        interval: None,
-        timeout: None,
-        rise: None,
-        fall: None,
-        close_after_down: None,
-        tls: None,
-    };
+    let empty = RawHealth::default();
     let h = h.unwrap_or(&empty);
-    let check = match h.check.as_deref().unwrap_or("tcp") {
-        "tcp" => Some(CheckKind::Tcp),
-        "http" => Some(CheckKind::Http),
-        "https" => Some(CheckKind::Https),
-        "none" => Some(CheckKind::None),
-        other => {
-            errs.push(
-                format!("{base}.check"),
-                format!("unknown check {other:?}: expected tcp, http, https or none"),
-            );
-            None
-        }
-    };
+    let check = errs.choice(
+        format!("{base}.check"),
+        ("check", "tcp, http, https or none"),
+        h.check.as_deref(),
+        &[
+            ("tcp", CheckKind::Tcp),
+            ("http", CheckKind::Http),
+            ("https", CheckKind::Https),
+            ("none", CheckKind::None),
+        ],
+    );
     let path = h
         .path
         .clone()
@@ -687,29 +734,10 @@ fn health(errs: &mut Errors, pool_base: &str, h: Option<&RawHealth>) -> Option<H
     let tls = match &h.tls {
         None => ProbeTls::default(),
         Some(t) => {
-            let tb = format!("{base}.tls");
             if check != Some(CheckKind::Https) {
-                errs.push(tb.clone(), "only used with check: https");
+                errs.push(format!("{base}.tls"), "only used with check: https");
             }
-            let ca_file = t
-                .ca_file
-                .as_ref()
-                .and_then(|_| errs.cert_file(format!("{tb}.ca_file"), &t.ca_file));
-            if t.insecure_skip_verify && ca_file.is_some() {
-                errs.push(
-                    format!("{tb}.insecure_skip_verify"),
-                    "contradicts ca_file: set one or the other",
-                );
-            }
-            let (cert_file, key_file) =
-                errs.pair(&tb, ("cert_file", &t.cert_file), ("key_file", &t.key_file));
-            ProbeTls {
-                ca_file,
-                server_name: errs.server_name(format!("{tb}.server_name"), &t.server_name),
-                cert_file,
-                key_file,
-                insecure_skip_verify: t.insecure_skip_verify,
-            }
+            probe_tls(errs, &base, t)
         }
     };
     if check == Some(CheckKind::Https) && tls.ca_file.is_none() && !tls.insecure_skip_verify {
@@ -728,6 +756,31 @@ fn health(errs: &mut Errors, pool_base: &str, h: Option<&RawHealth>) -> Option<H
         close_after_down,
         tls,
     })
+}
+
+/// A health check's `tls`: how an https probe verifies the server and proves
+/// itself to it.
+fn probe_tls(errs: &mut Errors, base: &str, t: &RawProbeTls) -> ProbeTls {
+    let tb = format!("{base}.tls");
+    let ca_file = t
+        .ca_file
+        .as_ref()
+        .and_then(|_| errs.cert_file(format!("{tb}.ca_file"), &t.ca_file));
+    if t.insecure_skip_verify && ca_file.is_some() {
+        errs.push(
+            format!("{tb}.insecure_skip_verify"),
+            "contradicts ca_file: set one or the other",
+        );
+    }
+    let (cert_file, key_file) =
+        errs.pair(&tb, ("cert_file", &t.cert_file), ("key_file", &t.key_file));
+    ProbeTls {
+        ca_file,
+        server_name: errs.server_name(format!("{tb}.server_name"), &t.server_name),
+        cert_file,
+        key_file,
+        insecure_skip_verify: t.insecure_skip_verify,
+    }
 }
 
 /// Parses `host:port`, `[v6]:port` or `https://host:port`, and resolves the host.
