@@ -445,60 +445,10 @@ async fn handle(
     const JSON: &str = "application/json";
     const TEXT: &str = "text/plain; charset=utf-8";
     match path {
-        "/readyz" => {
-            let code = state.ready.load(Relaxed);
-            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let body = if status.is_success() {
-                "ok".to_string()
-            } else {
-                "[-]shutdown failed: reason withheld\nreadyz check failed".to_string()
-            };
-            full(status, TEXT, body, name)
-        }
+        "/readyz" => readyz(state.ready.load(Relaxed), name),
         "/livez" | "/healthz" => full(StatusCode::OK, TEXT, "ok", name),
-        "/version" => full(
-            StatusCode::OK,
-            JSON,
-            serde_json::json!({
-                "major": "1",
-                "minor": "31",
-                "gitVersion": FAKE_GIT_VERSION,
-                "gitCommit": "0000000000000000000000000000000000000000",
-                "gitTreeState": "clean",
-                "buildDate": "2026-01-01T00:00:00Z",
-                "goVersion": "go1.22.0",
-                "compiler": "gc",
-                "platform": "linux/amd64"
-            })
-            .to_string(),
-            name,
-        ),
-        "/whoami" => {
-            let mut headers = serde_json::Map::new();
-            for k in req.headers().keys() {
-                let vals: Vec<_> = req
-                    .headers()
-                    .get_all(k)
-                    .iter()
-                    .map(|v| {
-                        serde_json::Value::from(String::from_utf8_lossy(v.as_bytes()).to_string())
-                    })
-                    .collect();
-                headers.insert(k.as_str().to_string(), vals.into());
-            }
-            full(
-                StatusCode::OK,
-                JSON,
-                serde_json::json!({
-                    "server": name,
-                    "client_cn": cn,
-                    "version": format!("{:?}", req.version()),
-                    "headers": headers,
-                })
-                .to_string(),
-                name,
-            )
-        }
+        "/version" => version(name),
+        "/whoami" => whoami(&req, cn, name),
         _ if req.headers().contains_key(hyper::header::UPGRADE) => upgrade_echo(&mut req, name),
         "/api/v1/configmaps" if query.starts_with("size=") => {
             let n = query["size=".len()..].parse().unwrap_or(0);
@@ -521,6 +471,55 @@ async fn handle(
             name,
         ),
     }
+}
+
+/// `/readyz` answering with the status code the test set.
+fn readyz(code: u16, name: &str) -> Resp {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = if status.is_success() {
+        "ok"
+    } else {
+        "[-]shutdown failed: reason withheld\nreadyz check failed"
+    };
+    full(status, "text/plain; charset=utf-8", body.to_string(), name)
+}
+
+/// `/version` as a v1.31 apiserver answers it.
+fn version(name: &str) -> Resp {
+    let v = serde_json::json!({
+        "major": "1",
+        "minor": "31",
+        "gitVersion": FAKE_GIT_VERSION,
+        "gitCommit": "0000000000000000000000000000000000000000",
+        "gitTreeState": "clean",
+        "buildDate": "2026-01-01T00:00:00Z",
+        "goVersion": "go1.22.0",
+        "compiler": "gc",
+        "platform": "linux/amd64"
+    });
+    full(StatusCode::OK, "application/json", v.to_string(), name)
+}
+
+/// `/whoami`: the request as this server saw it (headers, HTTP version,
+/// client certificate CN), for tests of what apilb forwards.
+fn whoami(req: &Request<Incoming>, cn: Option<String>, name: &str) -> Resp {
+    let mut headers = serde_json::Map::new();
+    for k in req.headers().keys() {
+        let vals: Vec<_> = req
+            .headers()
+            .get_all(k)
+            .iter()
+            .map(|v| serde_json::Value::from(String::from_utf8_lossy(v.as_bytes()).to_string()))
+            .collect();
+        headers.insert(k.as_str().to_string(), vals.into());
+    }
+    let body = serde_json::json!({
+        "server": name,
+        "client_cn": cn,
+        "version": format!("{:?}", req.version()),
+        "headers": headers,
+    });
+    full(StatusCode::OK, "application/json", body.to_string(), name)
 }
 
 /// Executes a write (POST/PUT/PATCH/DELETE): reads the body, records the

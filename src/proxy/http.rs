@@ -275,46 +275,16 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
     let method = method_label(req.method());
     let upgrade = is_upgrade(&req);
     let long = upgrade || is_long_running(req.uri());
-
-    // Identity hygiene comes before anything else looks at the request.
-    let strip = &rt.settings.strip_headers;
-    headers::strip_identity(req.headers_mut(), strip);
-    headers::strip_hop_by_hop(req.headers_mut(), upgrade);
-    headers::set_forwarded_for(req.headers_mut(), &conn.xff, rt.settings.forwarded_for);
-    let identity = match &conn.id {
-        Some(id) => {
-            if let Err(why) = headers::insert_identity(req.headers_mut(), id) {
-                return local(StatusCode::BAD_REQUEST, why);
-            }
-            if !rt.upstream.has_front_proxy() {
-                warn!(frontend = %conn.svc.name, "a verified client certificate arrived but the pool has no front_proxy_cert_file");
-                return local(
-                    StatusCode::BAD_GATEWAY,
-                    "front-proxy identity is not configured for this pool",
-                );
-            }
-            Identity::FrontProxy
-        }
-        None => Identity::Plain,
+    let identity = match prepare(&conn, rt, &mut req, upgrade) {
+        Ok(id) => id,
+        Err((status, why)) => return local(status, why),
     };
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let fault = headers::BodyFault::default();
-    let body = headers::StripTrailers::new(body, &rt.settings.strip_headers, fault.clone());
-    let body = match tokio::time::timeout(rt.settings.request_timeout, buffer(body)).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => {
-            return local(
-                StatusCode::BAD_REQUEST,
-                format!("reading the request body: {e}"),
-            )
-        }
-        Err(_) => {
-            return local(
-                StatusCode::REQUEST_TIMEOUT,
-                "the request body did not arrive within request_timeout",
-            )
-        }
+    let body = match read_body(rt, body, &fault).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
     let req = Request::from_parts(parts, ());
     let stream = GaugeGuard::new(conn.svc.active_streams.clone());
@@ -327,14 +297,12 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
         method,
         fault,
     };
-    let resp = match forward(&ctx, req, body).await {
+    let (mut resp, b, guard, lease) = match forward(&ctx, req, body).await {
         Ok(r) => r,
         Err(r) => return r,
     };
-    let (resp, b, guard, lease) = resp;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_up) = client_upgrade {
-            let mut resp = resp;
             let server_up = hyper::upgrade::on(&mut resp);
             tunnel(&conn, client_up, server_up, guard, lease);
             let (parts, _) = resp.into_parts();
@@ -346,22 +314,21 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
             );
         }
     }
-    let mut resp = resp;
     headers::strip_hop_by_hop(resp.headers_mut(), false);
     let timer = (!long).then(|| {
-        let h = rt
-            .handles
-            .duration(&conn.env.metrics, &conn.svc.name, method);
-        (started, h)
+        (
+            started,
+            rt.handles
+                .duration(&conn.env.metrics, &conn.svc.name, method),
+        )
     });
     let kill = b.kill_token();
-    let idle_limit = (!long).then_some(rt.settings.request_timeout);
     resp.map(|body| {
         Tracked {
             body,
             kill,
             closed: None,
-            idle_limit,
+            idle_limit: (!long).then_some(rt.settings.request_timeout),
             idle: None,
             moved: true,
             _lease: lease,
@@ -371,6 +338,54 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
         }
         .boxed()
     })
+}
+
+/// Identity hygiene, before anything else looks at the request: strips
+/// client-sent identity and hop-by-hop headers, sets X-Forwarded-For, and
+/// adds the verified client certificate's identity as front-proxy headers.
+fn prepare(
+    conn: &Conn,
+    rt: &Route,
+    req: &mut Request<Incoming>,
+    upgrade: bool,
+) -> Result<Identity, (StatusCode, String)> {
+    let h = req.headers_mut();
+    headers::strip_identity(h, &rt.settings.strip_headers);
+    headers::strip_hop_by_hop(h, upgrade);
+    headers::set_forwarded_for(h, &conn.xff, rt.settings.forwarded_for);
+    let Some(id) = &conn.id else {
+        return Ok(Identity::Plain);
+    };
+    if let Err(why) = headers::insert_identity(h, id) {
+        return Err((StatusCode::BAD_REQUEST, why.into()));
+    }
+    if !rt.upstream.has_front_proxy() {
+        warn!(frontend = %conn.svc.name, "a verified client certificate arrived but the pool has no front_proxy_cert_file");
+        let why = "front-proxy identity is not configured for this pool";
+        return Err((StatusCode::BAD_GATEWAY, why.into()));
+    }
+    Ok(Identity::FrontProxy)
+}
+
+/// Reads the request body (trailers stripped like headers) up to
+/// [`REPLAY_BODY_LIMIT`] within the frontend's `request_timeout`.
+async fn read_body(
+    rt: &Route,
+    body: Incoming,
+    fault: &headers::BodyFault,
+) -> Result<ReqBody, Response<RespBody>> {
+    let body = headers::StripTrailers::new(body, &rt.settings.strip_headers, fault.clone());
+    match tokio::time::timeout(rt.settings.request_timeout, buffer(body)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => Err(local(
+            StatusCode::BAD_REQUEST,
+            format!("reading the request body: {e}"),
+        )),
+        Err(_) => Err(local(
+            StatusCode::REQUEST_TIMEOUT,
+            "the request body did not arrive within request_timeout",
+        )),
+    }
 }
 
 /// What every attempt of one request shares.
@@ -516,22 +531,7 @@ async fn forward(
                 "the Host header is not a valid authority",
             ));
         };
-        let send = Upstream::send(&mut sender, out);
-        let result = if a.long {
-            send.await
-        } else {
-            match tokio::time::timeout(rt.settings.request_timeout, send).await {
-                Ok(r) => r,
-                Err(_) => {
-                    count(a, i, StatusCode::GATEWAY_TIMEOUT);
-                    return Err(local(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "the apiserver did not answer within request_timeout",
-                    ));
-                }
-            }
-        };
-        match result {
+        match send(a, i, &mut sender, out).await? {
             Ok(resp) => {
                 if let Sender::H1(h1) = sender {
                     if !a.upgrade {
@@ -573,6 +573,30 @@ async fn forward(
         last_error.push_str("no backend available");
     }
     Err(local(StatusCode::BAD_GATEWAY, last_error))
+}
+
+/// Sends one attempt; a request that is not long-running gets its response
+/// head within `request_timeout` or a 504.
+async fn send(
+    a: &Attempt<'_>,
+    i: usize,
+    sender: &mut Sender,
+    out: Request<UpBody>,
+) -> Result<Result<Response<upstream::RespIn>, SendError>, Response<RespBody>> {
+    let send = Upstream::send(sender, out);
+    if a.long {
+        return Ok(send.await);
+    }
+    match tokio::time::timeout(a.route.settings.request_timeout, send).await {
+        Ok(r) => Ok(r),
+        Err(_) => {
+            count(a, i, StatusCode::GATEWAY_TIMEOUT);
+            Err(local(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the apiserver did not answer within request_timeout",
+            ))
+        }
+    }
 }
 
 fn connect_failed(

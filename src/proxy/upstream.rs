@@ -486,50 +486,22 @@ impl Upstream {
         identity: Identity,
         upgrade: bool,
     ) -> Result<Option<(Sender, Lease)>, ConnectError> {
-        let clients = match identity {
-            Identity::Plain => &self.tls.plain,
-            Identity::FrontProxy => self
-                .tls
-                .front_proxy
-                .as_ref()
-                .ok_or(ConnectError::NoFrontProxy)?,
-        };
-        let config = if upgrade {
-            &clients.h1_only
-        } else {
-            &clients.any
-        };
-        let name = tls::server_name(
-            self.tls
-                .server_name
-                .as_deref()
-                .unwrap_or(&backend.server.host),
-        )?;
-        let connect = async {
-            let tcp = TcpStream::connect(backend.server.addr)
-                .await
-                .map_err(ConnectError::Tcp)?;
-            crate::net::tune(&tcp);
-            tokio_rustls::TlsConnector::from(config.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(ConnectError::Tls)
-        };
-        let tls = tokio::time::timeout(self.connect_timeout, connect)
-            .await
-            .map_err(|_| ConnectError::Timeout(self.connect_timeout))??;
+        let tls = tokio::time::timeout(
+            self.connect_timeout,
+            self.connect(backend, identity, upgrade),
+        )
+        .await
+        .map_err(|_| ConnectError::Timeout(self.connect_timeout))??;
         backend.metrics.connections.inc();
         let open = OpenConn::new(slot, &backend.metrics);
-        let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let io = TokioIo::new(tls);
         let server = backend.server.key.clone();
-        if !is_h2 {
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             if !upgrade {
                 slot.h1_only.store(true, Relaxed);
             }
             let (send, conn) = http1::Builder::new()
                 .max_buf_size(MAX_SEND_BUF.max(8192) * 4)
-                .handshake(io)
+                .handshake(TokioIo::new(tls))
                 .await
                 .map_err(ConnectError::Handshake)?;
             tokio::spawn(async move {
@@ -542,7 +514,7 @@ impl Upstream {
             return Ok(Some((Sender::H1(send), lease)));
         }
         let goaway = Arc::new(GoawayState::default());
-        let io = Box::pin(Watched::new(io.into_inner(), goaway.clone()));
+        let io = Box::pin(Watched::new(tls, goaway.clone()));
         let (send, conn) = h2_builder()
             .handshake(io)
             .await
@@ -554,8 +526,7 @@ impl Upstream {
             draining: AtomicBool::new(false),
             goaway,
         });
-        let weak = Arc::downgrade(slot);
-        let me = Arc::downgrade(&c);
+        let (weak, me) = (Arc::downgrade(slot), Arc::downgrade(&c));
         slot.h2.rcu(|v| {
             let mut v = Vec::clone(v);
             v.push(c.clone());
@@ -569,6 +540,39 @@ impl Upstream {
             drop(open);
         });
         Ok(None)
+    }
+
+    /// TCP connect and TLS handshake to the backend, with the client
+    /// certificate of `identity`; an upgrade offers HTTP/1.1 only.
+    async fn connect(
+        &self,
+        backend: &Backend,
+        identity: Identity,
+        upgrade: bool,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+        let clients = match identity {
+            Identity::Plain => &self.tls.plain,
+            Identity::FrontProxy => self
+                .tls
+                .front_proxy
+                .as_ref()
+                .ok_or(ConnectError::NoFrontProxy)?,
+        };
+        let config = if upgrade {
+            &clients.h1_only
+        } else {
+            &clients.any
+        };
+        let host = self.tls.server_name.as_deref();
+        let name = tls::server_name(host.unwrap_or(&backend.server.host))?;
+        let tcp = TcpStream::connect(backend.server.addr)
+            .await
+            .map_err(ConnectError::Tcp)?;
+        crate::net::tune(&tcp);
+        tokio_rustls::TlsConnector::from(config.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(ConnectError::Tls)
     }
 
     /// Gives an HTTP/1.1 connection back once its response has been read.
