@@ -268,8 +268,6 @@ struct Taken<'a> {
     names: HashSet<&'a str>,
     /// Listen address → the frontend's index (`usize::MAX`: admin.listen).
     addrs: HashMap<SocketAddr, usize>,
-    /// Every pool name in the config.
-    pools: HashSet<&'a str>,
 }
 
 /// Every valid frontend; refuses names and listen addresses used twice.
@@ -277,7 +275,6 @@ fn frontends(errs: &mut Errors, raw: &RawConfig, admin: Option<SocketAddr>) -> V
     let mut taken = Taken {
         names: HashSet::new(),
         addrs: HashMap::new(),
-        pools: raw.pools.iter().filter_map(|p| p.name.as_deref()).collect(),
     };
     // Port 0 asks the kernel for a free port: never a clash (tests use it).
     if let Some(a) = admin.filter(|a| a.port() != 0) {
@@ -331,7 +328,7 @@ fn frontend<'a>(
         &[("tcp", Mode::Tcp), ("http", Mode::Http)],
     );
     let http = mode_fields(errs, &base, mode, f);
-    let pool = frontend_pool(errs, raw, &taken.pools, (&base, f), mode, name);
+    let pool = frontend_pool(errs, raw, (&base, f), mode, name);
     let max_connections = f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     if max_connections == 0 {
         errs.push(format!("{base}.max_connections"), "must be at least 1");
@@ -398,21 +395,17 @@ fn mode_fields(
 fn frontend_pool<'a>(
     errs: &mut Errors,
     raw: &RawConfig,
-    pools: &HashSet<&str>,
     (base, f): (&str, &'a RawFrontend),
     mode: Option<Mode>,
     name: Option<&str>,
 ) -> Option<&'a str> {
     let p = errs.required(format!("{base}.pool"), &f.pool)?;
-    if !pools.contains(p) {
-        errs.push(format!("{base}.pool"), format!("no pool named {p:?}"));
-        return Some(p);
-    }
     let Some(pi) = raw
         .pools
         .iter()
         .position(|rp| rp.name.as_deref() == Some(p))
     else {
+        errs.push(format!("{base}.pool"), format!("no pool named {p:?}"));
         return Some(p);
     };
     let t = raw.pools[pi].tls.as_ref();

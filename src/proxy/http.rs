@@ -316,11 +316,10 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
     let timer = (!long).then(|| {
-        (
-            started,
-            rt.handles
-                .duration(&conn.env.metrics, &conn.svc.name, method),
-        )
+        let h = rt
+            .handles
+            .duration(&conn.env.metrics, &conn.svc.name, method);
+        (started, h)
     });
     let kill = b.kill_token();
     resp.map(|body| {
