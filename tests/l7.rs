@@ -486,6 +486,35 @@ async fn a_slowloris_client_is_closed_at_the_header_timeout_while_others_are_ser
 }
 
 #[tokio::test]
+async fn an_http2_client_that_sends_no_preface_is_closed_at_the_header_timeout() {
+    let l7 = L7::start(false, "tcp", "    header_timeout: 2s\n").await;
+    let tcp = TcpStream::connect(l7.addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("kubernetes").unwrap();
+    let mut silent = tokio_rustls::TlsConnector::from(l7.tls(None, &[b"h2"]))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut got)).await;
+    let after = t.elapsed();
+    assert!(read.is_ok(), "the silent client is still open after 10s");
+    assert!(
+        after >= Duration::from_millis(1500) && after < Duration::from_millis(4500),
+        "closed after {after:?}"
+    );
+    // Meanwhile and after, HTTP/2 clients that speak are served.
+    let mut send = h2_client::<Empty<Bytes>>(&l7).await;
+    let req = hyper::Request::get(format!("https://{}/version", l7.addr()))
+        .body(Empty::new())
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+    l7.h.shutdown();
+    l7.h.wait().await;
+}
+
+#[tokio::test]
 async fn a_killed_backend_costs_no_request() {
     let l7 = L7::start(false, "https", "").await;
     let tls = l7.tls(None, &[b"http/1.1"]);

@@ -651,3 +651,149 @@ async fn a_full_pool_queues_then_answers_503_after_queue_timeout() {
     h.shutdown();
     h.wait().await;
 }
+
+/// An HTTP/2 client connection (the h2 crate, no pool around it) whose
+/// task the test can abort, which closes its TCP connection.
+async fn h2_raw(
+    s: &Scale,
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tls = s.tls_conn(addr, b"h2").await;
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    (send, tokio::spawn(conn))
+}
+
+/// Opens a watch and waits for its first event.
+async fn raw_watch(send: h2::client::SendRequest<Bytes>, addr: SocketAddr) -> h2::RecvStream {
+    let req = http::Request::get(format!("https://{addr}/api/v1/namespaces?watch=true"))
+        .body(())
+        .unwrap();
+    let (resp, _) = send.ready().await.unwrap().send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    next_data(&mut body).await.expect("first watch event");
+    body
+}
+
+async fn next_data(body: &mut h2::RecvStream) -> Option<Bytes> {
+    let d = tokio::time::timeout(Duration::from_secs(20), body.data()).await;
+    let d = d.ok()??.ok()?;
+    let _ = body.flow_control().release_capacity(d.len());
+    Some(d)
+}
+
+/// Waits until apilb counts `want` L7 streams in flight.
+async fn active_streams(h: &apilb::Handle, want: i64, what: &str) {
+    let g = h.shared().metrics.http_active("fe");
+    wait_for(what, Duration::from_secs(15), || {
+        let n = g.get();
+        async move { (n == want).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_1000_reset_or_disconnected_by_clients_free_their_streams() {
+    let s = Scale::fakes(|_| {}).await;
+    let h = start_yaml(&s.yaml).await;
+    let addr = fe(&h);
+    // 1,000 endless watches on 10 client connections (100 streams each).
+    let mut conns = Vec::new();
+    let mut watches = Vec::new();
+    for _ in 0..10 {
+        let (send, task) = h2_raw(&s, addr).await;
+        conns.push(task);
+        for _ in 0..100 {
+            watches.push(tokio::spawn(raw_watch(send.clone(), addr)));
+        }
+    }
+    let mut bodies = Vec::new();
+    for w in watches {
+        bodies.push(w.await.unwrap());
+    }
+    active_streams(&h, 1000, "1,000 watches in flight").await;
+    // Every client resets half of its watches (RST_STREAM CANCEL)...
+    let kept: Vec<_> = bodies
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, b)| (i % 2 == 0).then_some(b))
+        .collect();
+    active_streams(&h, 500, "the 500 reset watches to end").await;
+    // ...then half of the clients close their TCP connections.
+    for c in &conns[..5] {
+        c.abort();
+    }
+    active_streams(&h, 250, "the watches of 5 closed connections to end").await;
+    // The other 250 still stream.
+    let mut still = 0;
+    for mut b in kept.into_iter().skip(250) {
+        if next_data(&mut b).await.is_some() {
+            still += 1;
+        }
+    }
+    assert_eq!(still, 250, "watches still streaming");
+    active_streams(&h, 0, "every watch to end").await;
+    s.check_limits();
+    h.shutdown();
+    h.wait().await;
+}
+
+/// Opens `n` streams and resets each at once, the way a rapid-reset attack
+/// does: on a single-threaded runtime they go out together, before apilb
+/// takes any of them up.
+async fn open_and_reset(
+    mut send: h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+    n: usize,
+) -> h2::client::SendRequest<Bytes> {
+    for _ in 0..n {
+        send = send.ready().await.unwrap();
+        let req = http::Request::get(format!("https://{addr}/version"))
+            .body(())
+            .unwrap();
+        let (_resp, mut stream) = send.send_request(req, false).unwrap();
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    send
+}
+
+#[tokio::test]
+async fn a_reset_flood_of_100_streams_closes_that_connection_only() {
+    let s = Scale::fakes(|_| {}).await;
+    let h = start_yaml(&s.yaml).await;
+    let addr = fe(&h);
+    let (send, conn) = h2_raw(&s, addr).await;
+    // 10 resets are a client changing its mind: the connection still serves.
+    let send = open_and_reset(send, addr, 10).await;
+    let req = http::Request::get(format!("https://{addr}/version"))
+        .body(())
+        .unwrap();
+    let (resp, _) = send
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(req, true)
+        .unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    // 100 are an attack: GOAWAY (ENHANCE_YOUR_CALM) and the connection closes.
+    let _send = open_and_reset(send, addr, 100).await;
+    let end = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("apilb closes the flooding connection")
+        .unwrap();
+    let e = end.expect_err("the connection ends with an error");
+    assert!(
+        e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || e.is_io(),
+        "{e}"
+    );
+    // Everyone else is served.
+    let slowest = gets_from_others(&s, addr, 2, 20).await;
+    assert!(slowest < Duration::from_secs(5), "{slowest:?}");
+    h.shutdown();
+    h.wait().await;
+}

@@ -1,6 +1,6 @@
-//! L7 frontends: TLS termination, HTTP/1.1 and HTTP/2 served by hyper, every
-//! request balanced on its own, responses streamed as they arrive, upgrades
-//! (SPDY, WebSocket) tunnelled, and identity hygiene: client-sent X-Remote-*
+//! L7 frontends: TLS termination, HTTP/1.1 served by hyper and HTTP/2 by
+//! `h2serve`, every request balanced on its own, responses streamed as they
+//! arrive, upgrades (SPDY, WebSocket) tunnelled, and identity hygiene: client-sent X-Remote-*
 //! headers are always removed; verified client certificates travel as
 //! front-proxy headers on connections presenting the front-proxy certificate.
 
@@ -19,7 +19,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::IntGauge;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -28,10 +28,12 @@ use tracing::{debug, warn};
 
 use super::coalesce::Coalesced;
 use super::h1guard::H1Guard;
+use super::h2body::PeerBody;
+use super::h2serve;
 use super::handles::{Handles, Labels};
 use super::headers;
 use super::upstream::{
-    self, BoxError, ConnectError, Identity, Lease, SendError, Sender, UpBody, Upstream,
+    BoxError, ConnectError, Identity, Lease, SendError, Sender, UpBody, Upstream,
 };
 use super::Env;
 use crate::balancer::{ActiveGuard, Pool};
@@ -46,18 +48,6 @@ type RespBody = BoxBody<Bytes, BoxError>;
 pub const REPLAY_BODY_LIMIT: usize = 64 * 1024;
 /// Refused-and-resent attempts per request at most (GOAWAY, REFUSED_STREAM).
 const MAX_REFUSALS: usize = 5;
-/// Client-facing HTTP/2 receive windows: what one stream's / connection's
-/// unread request bodies can hold in apilb.
-pub const CLIENT_STREAM_WINDOW: u32 = 256 * 1024;
-pub const CLIENT_CONN_WINDOW: u32 = 1024 * 1024;
-
-/// Reset streams a client may cause before its HTTP/2 connection is closed.
-const H2_MAX_PENDING_RESETS: usize = 20;
-const H2_MAX_LOCAL_RESETS: usize = 1024;
-/// HTTP/2 PINGs to clients: finds dead peers without cutting idle watches.
-const H2_KEEPALIVE: Duration = Duration::from_secs(30);
-const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-
 /// Where one request goes: the frontend's settings, its pool and the pool's
 /// upstream connections. Reloads store a new one in the frontend's route
 /// cell, so open client connections follow them request by request.
@@ -177,28 +167,14 @@ pub async fn serve_conn(
         id,
         hold,
     });
-    let service = service_fn(move |req| {
-        let conn = conn.clone();
-        // Boxed: hyper spawns a task per HTTP/2 stream, and moving this
-        // large future by value was a fifth of L7 CPU time (memmove).
-        async move { Ok::<_, Infallible>(Box::pin(proxy(conn, req)).await) }
-    });
     if h2 {
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new())
-            .max_concurrent_streams(s.http2_max_concurrent_streams)
-            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-            .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
-            .max_header_list_size(s.max_header_bytes as u32)
-            .initial_stream_window_size(CLIENT_STREAM_WINDOW)
-            .initial_connection_window_size(CLIENT_CONN_WINDOW)
-            .max_send_buf_size(upstream::MAX_SEND_BUF)
-            .keep_alive_interval(H2_KEEPALIVE)
-            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
-        drive!(
-            b.serve_connection(TokioIo::new(Coalesced::new(tls)), service),
-            env
-        );
+        let limits = h2serve::Limits::from(s);
+        // Requests read the route anew; the connection keeps none.
+        drop(route);
+        let io = Coalesced::new(tls);
+        // Boxed: a large future moved by value into each stream's task was
+        // a fifth of L7 CPU time (memmove).
+        h2serve::serve(io, limits, &env, |req| Box::pin(proxy(conn.clone(), req))).await;
     } else {
         let io = H1Guard::new(tls, s.max_header_bytes, svc.metrics.clone());
         let mut b = hyper::server::conn::http1::Builder::new();
@@ -206,6 +182,12 @@ pub async fn serve_conn(
             .header_read_timeout(s.header_timeout)
             .max_header_size(s.max_header_bytes)
             .max_buf_size(h1_buf_size(s.max_header_bytes));
+        drop(route);
+        let service = service_fn(move |req: Request<Incoming>| {
+            let conn = conn.clone();
+            let req = req.map(PeerBody::H1);
+            async move { Ok::<_, Infallible>(Box::pin(proxy(conn, req)).await) }
+        });
         drive!(
             b.serve_connection(TokioIo::new(io), service)
                 .with_upgrades(),
@@ -261,11 +243,11 @@ pub fn is_long_running(uri: &Uri) -> bool {
             .any(|seg| matches!(seg, "exec" | "attach" | "portforward" | "proxy"))
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+fn is_upgrade(req: &Request<PeerBody>) -> bool {
     req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
 }
 
-async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody> {
+async fn proxy(conn: Arc<Conn>, mut req: Request<PeerBody>) -> Response<RespBody> {
     // Each request reads the frontend's current route: a long-lived client
     // connection follows reloads (a removed server gets no new requests). A
     // frontend removed by a reload keeps serving its open connections as it was.
@@ -345,7 +327,7 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBody
 fn prepare(
     conn: &Conn,
     rt: &Route,
-    req: &mut Request<Incoming>,
+    req: &mut Request<PeerBody>,
     upgrade: bool,
 ) -> Result<Identity, (StatusCode, String)> {
     let h = req.headers_mut();
@@ -370,9 +352,13 @@ fn prepare(
 /// [`REPLAY_BODY_LIMIT`] within the frontend's `request_timeout`.
 async fn read_body(
     rt: &Route,
-    body: Incoming,
+    body: PeerBody,
     fault: &headers::BodyFault,
 ) -> Result<ReqBody, Response<RespBody>> {
+    // Most requests (GETs, watches) have no body: nothing to read or time.
+    if body.is_end_stream() {
+        return Ok(ReqBody::Whole(Bytes::new()));
+    }
     let body = headers::StripTrailers::new(body, &rt.settings.strip_headers, fault.clone());
     match tokio::time::timeout(rt.settings.request_timeout, buffer(body)).await {
         Ok(Ok(b)) => Ok(b),
@@ -420,9 +406,9 @@ impl ReqBody {
     }
 }
 
-async fn buffer<B>(mut body: B) -> Result<ReqBody, hyper::Error>
+async fn buffer<B>(mut body: B) -> Result<ReqBody, BoxError>
 where
-    B: Body<Data = Bytes, Error = hyper::Error> + Unpin + Send + Sync + 'static,
+    B: Body<Data = Bytes, Error = BoxError> + Unpin + Send + Sync + 'static,
 {
     let mut chunks: Vec<Frame<Bytes>> = Vec::new();
     let mut size = 0usize;
@@ -461,12 +447,12 @@ struct Prefixed {
 
 impl Body for Prefixed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(f) = self.prefix.pop_front() {
             return Poll::Ready(Some(Ok(f)));
         }
@@ -475,7 +461,7 @@ impl Body for Prefixed {
 }
 
 type Forwarded = (
-    Response<upstream::RespIn>,
+    Response<PeerBody>,
     Arc<crate::balancer::Backend>,
     ActiveGuard,
     Lease,
@@ -581,7 +567,7 @@ async fn send(
     i: usize,
     sender: &mut Sender,
     out: Request<UpBody>,
-) -> Result<Result<Response<upstream::RespIn>, SendError>, Response<RespBody>> {
+) -> Result<Result<Response<PeerBody>, SendError>, Response<RespBody>> {
     let send = Upstream::send(sender, out);
     if a.long {
         return Ok(send.await);
@@ -733,7 +719,7 @@ impl Drop for GaugeGuard {
 /// non-long-running response brings no data for request_timeout. The client
 /// sees RST_STREAM (HTTP/2) or a close without the last chunk (HTTP/1.1).
 struct Tracked {
-    body: upstream::RespIn,
+    body: PeerBody,
     kill: tokio_util::sync::CancellationToken,
     /// Registered with `kill` only once the body has to wait: a response
     /// that is already there costs no waiter (a lock and an allocation).

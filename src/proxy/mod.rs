@@ -1,13 +1,16 @@
 //! Client traffic, as services handed an accepted socket: `tcp` relays L4
 //! connections through `pump`; `http` serves L7 frontends over `upstream`
-//! connections (`coalesce` gathering each flush's writes), with `h1guard` checking HTTP/1 request heads first, `headers`
+//! connections (`coalesce` gathering each flush's writes), HTTP/2 clients
+//! through `h2serve` (`h2body` moving bodies both ways), with `h1guard` checking HTTP/1 request heads first, `headers`
 //! doing header hygiene and `handles` keeping its metric handles resolved. None of
 //! them accepts, reads files or looks at the snapshot: what they need is
 //! passed in (`Env` for the process, a service value per frontend).
 
 pub mod coalesce;
 pub mod h1guard;
+pub mod h2body;
 pub mod h2frames;
+pub mod h2serve;
 pub mod handles;
 pub mod headers;
 pub mod http;

@@ -17,10 +17,8 @@
 //! an unread response can hold here; the connection window is the stream
 //! window times the stream limit, so unread streams never block the others.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -28,8 +26,7 @@ use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
-use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Body;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
@@ -38,6 +35,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
 
+pub use super::h2body::BoxError;
+use super::h2body::{pipe, PeerBody, MAX_SEND_BUF};
 use super::h2frames::{GoawayState, Watched};
 use crate::balancer::Backend;
 use crate::config::{PoolConfig, UpstreamLimits};
@@ -46,9 +45,7 @@ use crate::net::{self, Fault};
 use crate::tls::{self, ClientMaterial, TlsError};
 
 /// The body type apilb sends upstream.
-pub type UpBody = BoxBody<Bytes, hyper::Error>;
-/// Errors of bodies and upstream requests, whichever library raised them.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type UpBody = BoxBody<Bytes, BoxError>;
 
 /// Streams per upstream HTTP/2 connection at most, even when the server
 /// allows more (kube-apiserver advertises 100).
@@ -58,8 +55,6 @@ pub const MAX_STREAMS_PER_CONN: usize = 100;
 pub const STREAM_WINDOW: u32 = 256 * 1024;
 /// Connection receive window: every stream's window fits at once.
 pub const CONN_WINDOW: u32 = STREAM_WINDOW * MAX_STREAMS_PER_CONN as u32;
-/// Most request data queued per stream for sending (both sides use it).
-pub const MAX_SEND_BUF: usize = 64 * 1024;
 /// Largest response header list accepted from a backend.
 pub const MAX_HEADER_LIST: u32 = 256 * 1024;
 /// Streams one upstream HTTP/2 connection carries before it retires: a
@@ -596,12 +591,12 @@ impl Upstream {
     pub async fn send(
         sender: &mut Sender,
         req: Request<UpBody>,
-    ) -> Result<Response<RespIn>, SendError> {
+    ) -> Result<Response<PeerBody>, SendError> {
         match sender {
             Sender::H1(s) => s
                 .try_send_request(req)
                 .await
-                .map(|r| r.map(RespIn::H1))
+                .map(|r| r.map(PeerBody::H1))
                 .map_err(|mut e| match e.take_message() {
                     Some(m) => SendError::Refused(Some(m.into_body()), e.into_error().into()),
                     None => SendError::Failed(e.into_error().into()),
@@ -620,7 +615,7 @@ impl Upstream {
 
 /// One request on an HTTP/2 connection. A body streams from a task of its
 /// own; an empty one ends the stream with the headers.
-async fn send_h2(c: &H2Conn, req: Request<UpBody>) -> Result<Response<RespIn>, SendError> {
+async fn send_h2(c: &H2Conn, req: Request<UpBody>) -> Result<Response<PeerBody>, SendError> {
     let (parts, body) = req.into_parts();
     let eos = body.is_end_stream();
     let (resp, tx) = match c
@@ -637,113 +632,14 @@ async fn send_h2(c: &H2Conn, req: Request<UpBody>) -> Result<Response<RespIn>, S
         Err(e) => return Err(SendError::Failed(e.into())),
     };
     if !eos {
-        tokio::spawn(pipe(body, tx));
+        tokio::spawn(pipe(body, tx, h2::Reason::CANCEL));
     }
     match resp.await {
-        Ok(r) => Ok(r.map(RespIn::H2)),
+        Ok(r) => Ok(r.map(PeerBody::H2)),
         Err(e) if refused(&e) || c.goaway.unprocessed_at_eof.load(Relaxed) => {
             Err(SendError::Refused(None, e.into()))
         }
         Err(e) => Err(SendError::Failed(e.into())),
-    }
-}
-
-/// Copies a request body onto its HTTP/2 stream within the stream's send
-/// window; a broken body or a reset stream ends it with RST_STREAM.
-async fn pipe(mut body: UpBody, mut tx: h2::SendStream<Bytes>) {
-    let r: Result<(), BoxError> = async {
-        loop {
-            let frame = tokio::select! {
-                f = body.frame() => f,
-                r = std::future::poll_fn(|cx| tx.poll_reset(cx)) => {
-                    return Err(format!("the server reset the stream: {r:?}").into());
-                }
-            };
-            let Some(frame) = frame else {
-                tx.send_data(Bytes::new(), true)?;
-                return Ok(());
-            };
-            match frame?.into_data() {
-                Ok(data) => send_data(&mut tx, data).await?,
-                Err(f) => {
-                    if let Ok(t) = f.into_trailers() {
-                        tx.send_trailers(t)?;
-                        return Ok(());
-                    }
-                }
-            }
-        }
-    }
-    .await;
-    if let Err(e) = r {
-        debug!(error = %e, "upstream request body ended early");
-        tx.send_reset(h2::Reason::CANCEL);
-    }
-}
-
-/// Sends one chunk as the server's window allows.
-async fn send_data(tx: &mut h2::SendStream<Bytes>, mut data: Bytes) -> Result<(), BoxError> {
-    while !data.is_empty() {
-        tx.reserve_capacity(data.len());
-        let n = match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
-            Some(n) => n?,
-            None => return Err("the stream closed".into()),
-        };
-        if n > 0 {
-            tx.send_data(data.split_to(n.min(data.len())), false)?;
-        }
-    }
-    Ok(())
-}
-
-/// A response body from a backend, over either protocol. HTTP/2 data gives
-/// its flow-control window back as it is taken, then trailers follow.
-pub enum RespIn {
-    H1(Incoming),
-    H2(h2::RecvStream),
-}
-
-impl Body for RespIn {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            RespIn::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            RespIn::H2(r) => {
-                if !r.is_end_stream() {
-                    match std::task::ready!(r.poll_data(cx)) {
-                        Some(Ok(d)) => {
-                            let _ = r.flow_control().release_capacity(d.len());
-                            return Poll::Ready(Some(Ok(Frame::data(d))));
-                        }
-                        Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                        None => {}
-                    }
-                }
-                r.poll_trailers(cx).map(|t| {
-                    t.transpose()
-                        .map(|t| t.map(Frame::trailers).map_err(Into::into))
-                })
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RespIn::H1(b) => b.is_end_stream(),
-            RespIn::H2(r) => r.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RespIn::H1(b) => b.size_hint(),
-            RespIn::H2(_) => SizeHint::default(),
-        }
     }
 }
 

@@ -1,0 +1,200 @@
+//! Client-facing HTTP/2 through the h2 crate: a task per stream runs the
+//! handler and streams its response, the connection PINGs its client, and
+//! shutdown says GOAWAY and lets open streams finish. With no server library
+//! in between, a request costs no body pipe task state of its own and no
+//! keep-alive bookkeeping per frame (the same step round 3 took upstream).
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use http::header::{HeaderValue, CONTENT_LENGTH, DATE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Body;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::h2body::{pipe, BoxError, PeerBody, MAX_SEND_BUF};
+use super::Env;
+use crate::config::HttpFrontend;
+
+/// Client-facing HTTP/2 receive windows: what one stream's / connection's
+/// unread request bodies can hold in apilb.
+pub const CLIENT_STREAM_WINDOW: u32 = 256 * 1024;
+pub const CLIENT_CONN_WINDOW: u32 = 1024 * 1024;
+/// Reset streams a client may cause before its HTTP/2 connection is closed.
+const MAX_PENDING_RESETS: usize = 20;
+const MAX_LOCAL_RESETS: usize = 1024;
+/// PINGs to clients: find dead peers without cutting idle watches.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What a frontend's settings say about its HTTP/2 connections, copied so
+/// that a connection holds no reference to the configuration it began with.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_streams: u32,
+    pub max_header_list: u32,
+    /// For the client's preface and SETTINGS.
+    pub handshake_timeout: Duration,
+}
+
+impl From<&HttpFrontend> for Limits {
+    fn from(s: &HttpFrontend) -> Self {
+        Limits {
+            max_streams: s.http2_max_concurrent_streams,
+            max_header_list: u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX),
+            handshake_timeout: s.header_timeout,
+        }
+    }
+}
+
+/// Serves one client HTTP/2 connection until it ends, shutdown drains it
+/// (GOAWAY, then open streams finish), or the grace runs out. The client's
+/// preface must arrive within `header_timeout`; `handle` answers each
+/// request on a task of its own.
+pub async fn serve<T, H, F, B>(io: T, limits: Limits, env: &Env, handle: H)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    H: Fn(Request<PeerBody>) -> F,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes, Error = BoxError> + Unpin + Send + 'static,
+{
+    let shake = builder(limits).handshake(io);
+    let conn = tokio::select! {
+        r = tokio::time::timeout(limits.handshake_timeout, shake) => match r {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return debug!(error = %e, "client HTTP/2 handshake failed"),
+            Err(_) => return debug!("no HTTP/2 preface within header_timeout"),
+        },
+        _ = env.hard_stop.cancelled() => return,
+    };
+    if let Err(e) = run(conn, env, handle).await {
+        debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+fn builder(l: Limits) -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.max_concurrent_streams(l.max_streams)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
+        .max_header_list_size(l.max_header_list)
+        .initial_window_size(CLIENT_STREAM_WINDOW)
+        .initial_connection_window_size(CLIENT_CONN_WINDOW)
+        .max_send_buffer_size(MAX_SEND_BUF);
+    b
+}
+
+/// Accepts streams until the connection closes. Every [`KEEPALIVE`] a PING
+/// goes out; no answer within [`KEEPALIVE_TIMEOUT`] closes the connection.
+async fn run<T, H, F, B>(
+    mut conn: h2::server::Connection<T, Bytes>,
+    env: &Env,
+    handle: H,
+) -> Result<(), BoxError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    H: Fn(Request<PeerBody>) -> F,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes, Error = BoxError> + Unpin + Send + 'static,
+{
+    let mut pings = conn.ping_pong().ok_or("the PING handle was taken")?;
+    let mut tick = tokio::time::interval_at(Instant::now() + KEEPALIVE, KEEPALIVE);
+    let pong_due = tokio::time::sleep(KEEPALIVE_TIMEOUT);
+    // Made once: a waiter on the process-wide tokens per request would cost
+    // a lock each.
+    let shutdown = env.shutdown.cancelled();
+    let hard_stop = env.hard_stop.cancelled();
+    tokio::pin!(pong_due, shutdown, hard_stop);
+    let (mut awaiting, mut draining) = (false, false);
+    // The connection's streams run on its own task: a response wakes no
+    // other task to be written, and a request spawns none.
+    let mut streams = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            // Ready responses first, so that one poll of the connection
+            // writes them all.
+            Some(()) = streams.next(), if !streams.is_empty() => {}
+            s = conn.accept() => match s {
+                Some(Ok((req, respond))) if req.method() == Method::CONNECT => refuse(respond),
+                Some(Ok((req, respond))) => {
+                    streams.push(answer(handle(req.map(PeerBody::H2)), respond));
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => return Ok(()),
+            },
+            r = std::future::poll_fn(|cx| pings.poll_pong(cx)), if awaiting => {
+                r?;
+                awaiting = false;
+            }
+            _ = tick.tick(), if !awaiting => {
+                pings.send_ping(h2::Ping::opaque())?;
+                awaiting = true;
+                pong_due.as_mut().reset(Instant::now() + KEEPALIVE_TIMEOUT);
+            }
+            _ = &mut pong_due, if awaiting => {
+                return Err(format!("no PING answer within {KEEPALIVE_TIMEOUT:?}").into());
+            }
+            _ = &mut shutdown, if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+            _ = &mut hard_stop => return Ok(()),
+        }
+    }
+}
+
+/// CONNECT (a tunnel over one stream) is not something kube clients use:
+/// 405, and the stream ends.
+fn refuse(mut respond: h2::server::SendResponse<Bytes>) {
+    let mut r = Response::new(());
+    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    if respond.send_response(r, true).is_err() {
+        respond.send_reset(h2::Reason::INTERNAL_ERROR);
+    }
+}
+
+/// Runs one stream: the handler's response (dropped if the client resets
+/// the stream first), then its body within the client's window. A body that
+/// breaks ends the stream with RST_STREAM INTERNAL_ERROR.
+async fn answer<F, B>(fut: F, mut respond: h2::server::SendResponse<Bytes>)
+where
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    tokio::pin!(fut);
+    let resp = tokio::select! {
+        biased;
+        r = &mut fut => r,
+        r = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            return debug!(reason = ?r, "the client reset a stream before its response");
+        }
+    };
+    let (mut head, body) = resp.into_parts();
+    // The apiserver's responses carry one; apilb's own answers get it here.
+    if !head.headers.contains_key(DATE) {
+        let now = httpdate::fmt_http_date(std::time::SystemTime::now());
+        if let Ok(v) = HeaderValue::from_str(&now) {
+            head.headers.insert(DATE, v);
+        }
+    }
+    let eos = body.is_end_stream();
+    if !eos {
+        if let Some(n) = body.size_hint().exact() {
+            head.headers
+                .entry(CONTENT_LENGTH)
+                .or_insert_with(|| HeaderValue::from(n));
+        }
+    }
+    match respond.send_response(Response::from_parts(head, ()), eos) {
+        Ok(tx) if !eos => pipe(body, tx, h2::Reason::INTERNAL_ERROR).await,
+        Ok(_) => {}
+        Err(e) => {
+            debug!(error = %e, "a response head could not be sent");
+            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+        }
+    }
+}
