@@ -1,6 +1,6 @@
 //! A write side that gathers what is written between two flushes and hands
-//! it to the stream below in one piece: hyper's HTTP/2 writer passes every
-//! DATA frame larger than 256 bytes as a write of its own, and under TLS each
+//! it to the stream below in one piece: h2's writer passes every DATA frame
+//! larger than 256 bytes as a write of its own, and under TLS each
 //! write is a record and a `writev`. Gathered, the responses of many streams
 //! leave in one record train and one system call per flush. A flush waits
 //! until the runtime has looked for I/O once more (as an event loop sends

@@ -109,8 +109,8 @@ struct Conn {
     hold: Hold,
 }
 
-/// Runs a hyper server connection; at shutdown asks it to finish (GOAWAY,
-/// close when idle), and drops it when the grace is over.
+/// Runs a hyper HTTP/1.1 server connection; at shutdown asks it to finish
+/// (close when idle), and drops it when the grace is over.
 macro_rules! drive {
     ($conn:expr, $env:expr) => {{
         let conn = $conn;
@@ -277,6 +277,7 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<PeerBody>) -> Response<RespBody
         upgrade,
         long,
         method,
+        started,
         fault,
     };
     let (mut resp, b, guard, lease) = match forward(&ctx, req, body).await {
@@ -381,6 +382,9 @@ struct Attempt<'a> {
     upgrade: bool,
     long: bool,
     method: &'static str,
+    /// When the request arrived; the first attempt's connect time counts
+    /// from here (one clock read fewer per request).
+    started: Instant,
     /// Set when the client's request body broke (h1guard counted it).
     fault: headers::BodyFault,
 }
@@ -490,7 +494,11 @@ async fn forward(
         let Some(i) = pool.pick(&tried) else { break };
         let b = &pool.backends[i];
         let guard = b.enter();
-        let t0 = Instant::now();
+        let t0 = if tried.is_empty() && refusals == 0 {
+            a.started
+        } else {
+            Instant::now()
+        };
         let (mut sender, lease) = match rt.upstream.sender(i, b, a.identity, a.upgrade).await {
             Ok(s) => s,
             Err(e) if e.is_busy() => {
@@ -503,9 +511,10 @@ async fn forward(
                 continue;
             }
         };
+        let sent_at = Instant::now();
         b.metrics
             .connect_duration
-            .observe(t0.elapsed().as_secs_f64());
+            .observe((sent_at - t0).as_secs_f64());
         let Some(bd) = spare.take().or_else(|| body.next()) else {
             break;
         };
@@ -516,7 +525,7 @@ async fn forward(
                 "the Host header is not a valid authority",
             ));
         };
-        match send(a, i, &mut sender, out).await? {
+        match send(a, i, &mut sender, out, sent_at).await? {
             Ok(resp) => {
                 if let Sender::H1(h1) = sender {
                     if !a.upgrade {
@@ -561,18 +570,20 @@ async fn forward(
 }
 
 /// Sends one attempt; a request that is not long-running gets its response
-/// head within `request_timeout` or a 504.
+/// head within `request_timeout` of `now` or a 504.
 async fn send(
     a: &Attempt<'_>,
     i: usize,
     sender: &mut Sender,
     out: Request<UpBody>,
+    now: Instant,
 ) -> Result<Result<Response<PeerBody>, SendError>, Response<RespBody>> {
     let send = Upstream::send(sender, out);
     if a.long {
         return Ok(send.await);
     }
-    match tokio::time::timeout(a.route.settings.request_timeout, send).await {
+    let deadline = now + a.route.settings.request_timeout;
+    match tokio::time::timeout_at(deadline, send).await {
         Ok(r) => Ok(r),
         Err(_) => {
             count(a, i, StatusCode::GATEWAY_TIMEOUT);
