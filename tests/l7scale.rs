@@ -662,8 +662,17 @@ async fn h2_raw(
     tokio::task::JoinHandle<Result<(), h2::Error>>,
 ) {
     let tls = s.tls_conn(addr, b"h2").await;
-    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    let (send, conn) = within("the HTTP/2 handshake", h2::client::handshake(tls))
+        .await
+        .unwrap();
     (send, tokio::spawn(conn))
+}
+
+/// `f`'s output, or a panic naming `what` after 20 s.
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took over 20s"))
 }
 
 /// Opens a watch and waits for its first event.
@@ -671,8 +680,9 @@ async fn raw_watch(send: h2::client::SendRequest<Bytes>, addr: SocketAddr) -> h2
     let req = http::Request::get(format!("https://{addr}/api/v1/namespaces?watch=true"))
         .body(())
         .unwrap();
-    let (resp, _) = send.ready().await.unwrap().send_request(req, true).unwrap();
-    let resp = resp.await.unwrap();
+    let mut send = within("a free stream", send.ready()).await.unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = within("a watch's response", resp).await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     next_data(&mut body).await.expect("first watch event");
@@ -751,7 +761,7 @@ async fn open_and_reset(
     n: usize,
 ) -> h2::client::SendRequest<Bytes> {
     for _ in 0..n {
-        send = send.ready().await.unwrap();
+        send = within("a free stream", send.ready()).await.unwrap();
         let req = http::Request::get(format!("https://{addr}/version"))
             .body(())
             .unwrap();
@@ -772,14 +782,9 @@ async fn a_reset_flood_of_100_streams_closes_that_connection_only() {
     let req = http::Request::get(format!("https://{addr}/version"))
         .body(())
         .unwrap();
-    let (resp, _) = send
-        .clone()
-        .ready()
-        .await
-        .unwrap()
-        .send_request(req, true)
-        .unwrap();
-    assert_eq!(resp.await.unwrap().status(), 200);
+    let ready = within("a free stream", send.clone().ready()).await;
+    let (resp, _) = ready.unwrap().send_request(req, true).unwrap();
+    assert_eq!(within("a GET", resp).await.unwrap().status(), 200);
     // 100 are an attack: GOAWAY (ENHANCE_YOUR_CALM) and the connection closes.
     let _send = open_and_reset(send, addr, 100).await;
     let end = tokio::time::timeout(Duration::from_secs(10), conn)

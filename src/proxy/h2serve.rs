@@ -1,19 +1,20 @@
-//! Client-facing HTTP/2 through the h2 crate: a task per stream runs the
-//! handler and streams its response, the connection PINGs its client, and
-//! shutdown says GOAWAY and lets open streams finish. With no server library
-//! in between, a request costs no body pipe task state of its own and no
-//! keep-alive bookkeeping per frame (the same step round 3 took upstream).
+//! Client-facing HTTP/2 through the h2 crate: each connection's streams run
+//! the handler and stream their responses on the connection's own task, the
+//! connection PINGs its client, and shutdown says GOAWAY and lets open
+//! streams finish. A request spawns no task and a finished response wakes
+//! none before it is written (the step round 3 took upstream, client side).
 
 use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use http::header::{HeaderValue, CONTENT_LENGTH, DATE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Body;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, error};
 
 use super::h2body::{pipe, BoxError, PeerBody, MAX_SEND_BUF};
 use super::Env;
@@ -36,7 +37,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Limits {
     pub max_streams: u32,
     pub max_header_list: u32,
-    /// For the client's preface and SETTINGS.
+    /// For the client's connection preface.
     pub handshake_timeout: Duration,
 }
 
@@ -53,7 +54,7 @@ impl From<&HttpFrontend> for Limits {
 /// Serves one client HTTP/2 connection until it ends, shutdown drains it
 /// (GOAWAY, then open streams finish), or the grace runs out. The client's
 /// preface must arrive within `header_timeout`; `handle` answers each
-/// request on a task of its own.
+/// request, polled on this connection's task.
 pub async fn serve<T, H, F, B>(io: T, limits: Limits, env: &Env, handle: H)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -121,7 +122,7 @@ where
             s = conn.accept() => match s {
                 Some(Ok((req, respond))) if req.method() == Method::CONNECT => refuse(respond),
                 Some(Ok((req, respond))) => {
-                    streams.push(answer(handle(req.map(PeerBody::H2)), respond));
+                    streams.push(isolated(answer(handle(req.map(PeerBody::H2)), respond)));
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => return Ok(()),
@@ -144,6 +145,18 @@ where
             }
             _ = &mut hard_stop => return Ok(()),
         }
+    }
+}
+
+/// A panic in one stream's handler ends that stream (h2 resets it when its
+/// handles drop), not the connection and the other streams on it.
+async fn isolated<F: Future<Output = ()>>(stream: F) {
+    if std::panic::AssertUnwindSafe(stream)
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        error!("a request's handler panicked; its stream was reset");
     }
 }
 
@@ -196,5 +209,22 @@ where
             debug!(error = %e, "a response head could not be sent");
             respond.send_reset(h2::Reason::INTERNAL_ERROR);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_stream_ends_alone() {
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r = ran.clone();
+        isolated(async move {
+            r.store(true, std::sync::atomic::Ordering::SeqCst);
+            panic!("a handler bug");
+        })
+        .await;
+        assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

@@ -277,7 +277,11 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<PeerBody>) -> Response<RespBody
         upgrade,
         long,
         method,
-        started,
+        ready: match &body {
+            // Nothing was read: the request is as ready as it arrived.
+            ReqBody::Whole(b) if b.is_empty() => started,
+            _ => Instant::now(),
+        },
         fault,
     };
     let (mut resp, b, guard, lease) = match forward(&ctx, req, body).await {
@@ -382,9 +386,9 @@ struct Attempt<'a> {
     upgrade: bool,
     long: bool,
     method: &'static str,
-    /// When the request arrived; the first attempt's connect time counts
-    /// from here (one clock read fewer per request).
-    started: Instant,
+    /// When the request was ready to send (its arrival, or the end of the
+    /// body read): the first attempt's connect time counts from here.
+    ready: Instant,
     /// Set when the client's request body broke (h1guard counted it).
     fault: headers::BodyFault,
 }
@@ -495,7 +499,7 @@ async fn forward(
         let b = &pool.backends[i];
         let guard = b.enter();
         let t0 = if tried.is_empty() && refusals == 0 {
-            a.started
+            a.ready
         } else {
             Instant::now()
         };
@@ -582,7 +586,10 @@ async fn send(
     if a.long {
         return Ok(send.await);
     }
-    let deadline = now + a.route.settings.request_timeout;
+    // A timeout too large for the clock is no deadline.
+    let Some(deadline) = now.checked_add(a.route.settings.request_timeout) else {
+        return Ok(send.await);
+    };
     match tokio::time::timeout_at(deadline, send).await {
         Ok(r) => Ok(r),
         Err(_) => {
@@ -809,7 +816,9 @@ impl Tracked {
         let Some(limit) = self.idle_limit else {
             return Poll::Pending;
         };
-        let deadline = Instant::now() + limit;
+        let Some(deadline) = Instant::now().checked_add(limit) else {
+            return Poll::Pending;
+        };
         let moved = std::mem::take(&mut self.moved);
         let t = self
             .idle
