@@ -125,6 +125,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
             ready!(this.poll_drain(cx))?;
         }
         let room = GATHER.saturating_sub(this.buf.len()).max(1);
+        let wanted: usize = bufs.iter().map(|b| b.len()).sum();
+        if this.buf.capacity() - this.buf.len() < wanted.min(room) {
+            // Once past its first write, grown to a full gather at once:
+            // doubling from empty copies what was gathered at each step
+            // (round 11: 1 % of L7 CPU time under h2load -c16 -m32).
+            let want = if this.buf.is_empty() {
+                wanted.min(room)
+            } else {
+                room
+            };
+            this.buf.reserve_exact(want);
+        }
         let mut taken = 0;
         for b in bufs {
             let n = b.len().min(room - taken);
@@ -167,6 +179,7 @@ mod tests {
         for i in 0..50u8 {
             w.write_all(&[i; 1000]).await.unwrap();
         }
+        assert_eq!(w.buf.capacity(), GATHER, "grown once, to a full gather");
         // Nothing has gone below before the flush.
         let mut probe = [0u8; 1];
         let early =

@@ -175,7 +175,7 @@ fn decode_string(tag: Tag, data: &[u8]) -> Option<String> {
             Err(_) => data.iter().map(|&b| b as char).collect(),
         }),
         Tag::BmpString => {
-            if data.len() % 2 != 0 {
+            if !data.len().is_multiple_of(2) {
                 return None;
             }
             let mut units: Vec<u16> = data

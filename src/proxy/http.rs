@@ -172,9 +172,8 @@ pub async fn serve_conn(
         // Requests read the route anew; the connection keeps none.
         drop(route);
         let io = Coalesced::new(tls);
-        // Boxed: a large future moved by value into each stream's task was
-        // a fifth of L7 CPU time (memmove).
-        h2serve::serve(io, limits, &env, |req| Box::pin(proxy(conn.clone(), req))).await;
+        // Not boxed here: h2serve builds each stream's future in its box.
+        h2serve::serve(io, limits, &env, |req| proxy(conn.clone(), req)).await;
     } else {
         let io = H1Guard::new(tls, s.max_header_bytes, svc.metrics.clone());
         let mut b = hyper::server::conn::http1::Builder::new();
