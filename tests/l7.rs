@@ -514,6 +514,71 @@ async fn an_http2_client_that_sends_no_preface_is_closed_at_the_header_timeout()
     l7.h.wait().await;
 }
 
+/// Reads one HTTP/2 frame: type, flags and payload; `None` at EOF.
+async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Option<(u8, u8, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head).await.ok()?;
+    let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await.ok()?;
+    Some((head[3], head[4], payload))
+}
+
+#[tokio::test]
+async fn an_http2_client_that_answers_no_ping_is_closed_and_one_that_does_is_kept() {
+    let fe = "    http2_keepalive_interval: 1s\n    http2_keepalive_timeout: 1s\n";
+    let l7 = L7::start(false, "tcp", fe).await;
+    // A client whose HTTP/2 stack answers PINGs (hyper's), idle throughout.
+    let mut alive = h2_client::<Empty<Bytes>>(&l7).await;
+    // A client that speaks HTTP/2 but never answers a PING: a peer that
+    // vanished without FIN or RST looks the same to apilb.
+    let tcp = TcpStream::connect(l7.addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("kubernetes").unwrap();
+    let mut mute = tokio_rustls::TlsConnector::from(l7.tls(None, &[b"h2"]))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    mute.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let (mut pings, mut first_ping) = (0, None);
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some((kind, flags, _)) = read_frame(&mut mute).await {
+            match (kind, flags & 1) {
+                // The server's SETTINGS: acknowledged, as a client must.
+                (4, 0) => mute.write_all(b"\0\0\0\x04\x01\0\0\0\0").await.unwrap(),
+                (6, 0) => {
+                    pings += 1;
+                    first_ping.get_or_insert(t.elapsed());
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    let after = t.elapsed();
+    assert!(ended.is_ok(), "the mute client is still open after 15s");
+    assert_eq!(pings, 1, "one unanswered PING, then the close");
+    let first = first_ping.unwrap();
+    assert!(
+        first >= Duration::from_millis(800) && first < Duration::from_secs(3),
+        "first PING after {first:?} (interval 1s)"
+    );
+    assert!(
+        after - first >= Duration::from_millis(800) && after - first < Duration::from_secs(3),
+        "closed {:?} after the PING (timeout 1s)",
+        after - first
+    );
+    // The client that answers went through the same rounds and still serves.
+    let req = hyper::Request::get(format!("https://{}/version", l7.addr()))
+        .body(Empty::new())
+        .unwrap();
+    assert_eq!(alive.send_request(req).await.unwrap().status(), 200);
+    l7.h.shutdown();
+    l7.h.wait().await;
+}
+
 #[tokio::test]
 async fn a_killed_backend_costs_no_request() {
     let l7 = L7::start(false, "https", "").await;
@@ -572,6 +637,25 @@ async fn http_mode_config_is_validated() {
             .to_string();
     assert!(
         e.contains("frontends[0].request_timeout: only used with mode: http"),
+        "{e}"
+    );
+    let h = cfg.frontends[0].http.as_ref().unwrap();
+    assert_eq!(
+        (h.http2_keepalive_interval, h.http2_keepalive_timeout),
+        (Duration::from_secs(30), Duration::from_secs(20))
+    );
+    let e = apilb::config::parse(&ok.replace(
+        "mode: http\n",
+        "mode: http\n    http2_keepalive_interval: 0s\n    http2_keepalive_timeout: soon\n",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("frontends[0].http2_keepalive_interval: must be longer than 0"),
+        "{e}"
+    );
+    assert!(
+        e.contains("frontends[0].http2_keepalive_timeout: invalid duration"),
         "{e}"
     );
 }

@@ -47,6 +47,10 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// L7: concurrent HTTP/2 streams per client connection (the apiserver's own default).
 pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 250;
+/// PINGs to HTTP/2 clients: how often, and how long an answer may take
+/// before the connection is closed as dead.
+pub const DEFAULT_HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// L7 upstream: connections (HTTP/2 and HTTP/1.1) per server and identity;
 /// 256 × 100 streams holds 20,000 watches with room to spare.
 pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_SERVER: usize = 256;
@@ -192,6 +196,10 @@ pub struct HttpFrontend {
     pub header_timeout: Duration,
     pub max_header_bytes: usize,
     pub http2_max_concurrent_streams: u32,
+    /// A PING to each HTTP/2 client this often; no answer within the
+    /// timeout closes the connection (a peer gone without a FIN or RST).
+    pub http2_keepalive_interval: Duration,
+    pub http2_keepalive_timeout: Duration,
     /// Client header names removed besides `X-Remote-*` (lowercase).
     pub strip_headers: Vec<String>,
     pub forwarded_for: ForwardedFor,

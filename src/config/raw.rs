@@ -45,6 +45,8 @@ pub struct RawFrontend {
     pub header_timeout: Option<String>,
     pub max_header_bytes: Option<usize>,
     pub http2_max_concurrent_streams: Option<u32>,
+    pub http2_keepalive_interval: Option<String>,
+    pub http2_keepalive_timeout: Option<String>,
     /// Extra client header names to remove (custom `--requestheader-*-headers`).
     pub strip_headers: Option<Vec<String>>,
     /// `replace` (default) or `append`: what happens to a client's X-Forwarded-For.

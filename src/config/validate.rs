@@ -383,6 +383,14 @@ fn mode_fields(
             "http2_max_concurrent_streams",
             f.http2_max_concurrent_streams.is_some(),
         ),
+        (
+            "http2_keepalive_interval",
+            f.http2_keepalive_interval.is_some(),
+        ),
+        (
+            "http2_keepalive_timeout",
+            f.http2_keepalive_timeout.is_some(),
+        ),
         ("strip_headers", f.strip_headers.is_some()),
         ("forwarded_for", f.forwarded_for.is_some()),
     ];
@@ -604,6 +612,16 @@ fn http_frontend(errs: &mut Errors, base: &str, f: &RawFrontend) -> Option<HttpF
             "must be between 1 and 10000",
         );
     }
+    let keepalive_interval = errs.duration(
+        format!("{base}.http2_keepalive_interval"),
+        &f.http2_keepalive_interval,
+        DEFAULT_HTTP2_KEEPALIVE_INTERVAL,
+    );
+    let keepalive_timeout = errs.duration(
+        format!("{base}.http2_keepalive_timeout"),
+        &f.http2_keepalive_timeout,
+        DEFAULT_HTTP2_KEEPALIVE_TIMEOUT,
+    );
     let Some(t) = &f.tls else {
         errs.push(
             format!("{base}.tls"),
@@ -651,6 +669,8 @@ fn http_frontend(errs: &mut Errors, base: &str, f: &RawFrontend) -> Option<HttpF
         header_timeout,
         max_header_bytes,
         http2_max_concurrent_streams: streams,
+        http2_keepalive_interval: keepalive_interval,
+        http2_keepalive_timeout: keepalive_timeout,
     })
 }
 

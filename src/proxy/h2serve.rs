@@ -28,9 +28,6 @@ pub const CLIENT_CONN_WINDOW: u32 = 1024 * 1024;
 /// Reset streams a client may cause before its HTTP/2 connection is closed.
 const MAX_PENDING_RESETS: usize = 20;
 const MAX_LOCAL_RESETS: usize = 1024;
-/// PINGs to clients: find dead peers without cutting idle watches.
-const KEEPALIVE: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What a frontend's settings say about its HTTP/2 connections, copied so
 /// that a connection holds no reference to the configuration it began with.
@@ -40,6 +37,9 @@ pub struct Limits {
     pub max_header_list: u32,
     /// For the client's connection preface.
     pub handshake_timeout: Duration,
+    /// PINGs to the client: find dead peers without cutting idle watches.
+    pub keepalive: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 impl From<&HttpFrontend> for Limits {
@@ -48,6 +48,8 @@ impl From<&HttpFrontend> for Limits {
             max_streams: s.http2_max_concurrent_streams,
             max_header_list: u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX),
             handshake_timeout: s.header_timeout,
+            keepalive: s.http2_keepalive_interval,
+            keepalive_timeout: s.http2_keepalive_timeout,
         }
     }
 }
@@ -72,7 +74,7 @@ where
         },
         _ = env.hard_stop.cancelled() => return,
     };
-    if let Err(e) = run(conn, env, handle).await {
+    if let Err(e) = run(conn, limits, env, handle).await {
         debug!(error = %e, "client connection ended with an error");
     }
 }
@@ -89,10 +91,11 @@ fn builder(l: Limits) -> h2::server::Builder {
     b
 }
 
-/// Accepts streams until the connection closes. Every [`KEEPALIVE`] a PING
-/// goes out; no answer within [`KEEPALIVE_TIMEOUT`] closes the connection.
+/// Accepts streams until the connection closes. Every `keepalive` a PING
+/// goes out; no answer within `keepalive_timeout` closes the connection.
 async fn run<T, H, F, B>(
     mut conn: h2::server::Connection<T, Bytes>,
+    limits: Limits,
     env: &Env,
     handle: H,
 ) -> Result<(), BoxError>
@@ -103,8 +106,9 @@ where
     B: Body<Data = Bytes, Error = BoxError> + Unpin + Send + 'static,
 {
     let mut pings = conn.ping_pong().ok_or("the PING handle was taken")?;
-    let mut tick = tokio::time::interval_at(Instant::now() + KEEPALIVE, KEEPALIVE);
-    let pong_due = tokio::time::sleep(KEEPALIVE_TIMEOUT);
+    let (every, wait) = (limits.keepalive, limits.keepalive_timeout);
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    let pong_due = tokio::time::sleep(wait);
     // Made once: a waiter on the process-wide tokens per request would cost
     // a lock each.
     let shutdown = env.shutdown.cancelled();
@@ -137,10 +141,10 @@ where
             _ = tick.tick(), if !awaiting => {
                 pings.send_ping(h2::Ping::opaque())?;
                 awaiting = true;
-                pong_due.as_mut().reset(Instant::now() + KEEPALIVE_TIMEOUT);
+                pong_due.as_mut().reset(Instant::now() + wait);
             }
             _ = &mut pong_due, if awaiting => {
-                return Err(format!("no PING answer within {KEEPALIVE_TIMEOUT:?}").into());
+                return Err(format!("no PING answer within {wait:?}").into());
             }
             _ = &mut shutdown, if !draining => {
                 draining = true;
