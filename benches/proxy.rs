@@ -496,7 +496,7 @@ fn start_haproxy(bin: &Path, dir: &Path, b: &Backends, pem: &Path, variant: &str
          frontend fe_tls\n    bind 127.0.0.1:{}\n    backlog 4096\n    default_backend be_tls\n\
          backend be_tls\n    balance roundrobin\n{}\
          frontend fe_l7\n    mode http\n    bind 127.0.0.1:{} ssl crt {} alpn h2,http/1.1\n    default_backend be_l7\n\
-         backend be_l7\n    mode http\n    balance roundrobin\n{}",
+         backend be_l7\n    mode http\n    balance roundrobin\n    option forwardfor\n    http-reuse always\n{}",
         p.plain,
         if variant == "hc" { "    option httpchk GET /readyz\n" } else { "" },
         srv(&b.plain, check_plain),
@@ -1400,7 +1400,7 @@ fn main() {
         wrk = version("wrk", &["--version"]).split(" Copyright").next().unwrap_or(""),
         h2load = version("h2load", &["--version"]),
         e_backends = if nghttpd.is_some() {
-            format!("Scenario e: the backends are three `nghttpd` ({}) serving a 1 KiB file over TLS HTTP/2 on CPU 0, so the direct arm is far above any proxy; nginx has no e arm (no HTTP/2 upstream).", version("nghttpd", &["--version"]))
+            format!("Scenario e: the backends are three `nghttpd` ({}) serving a 1 KiB file over TLS HTTP/2 on CPU 0, so the direct arm is far above any proxy; nginx has no e arm (no HTTP/2 upstream). HAProxy's L7 backend sets X-Forwarded-For (`option forwardfor`) as apilb does by default, and shares upstream connections (`http-reuse always`).", version("nghttpd", &["--version"]))
         } else {
             "Scenario e: nghttpd is not installed; e uses the in-process backends, which saturate before HAProxy does.".to_string()
         },
