@@ -47,10 +47,12 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// L7: concurrent HTTP/2 streams per client connection (the apiserver's own default).
 pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 250;
-/// PINGs to HTTP/2 clients: how often, and how long an answer may take
-/// before the connection is closed as dead.
+/// How often a PING goes to each HTTP/2 client.
 pub const DEFAULT_HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a PING's answer may take before the connection is closed as dead.
 pub const DEFAULT_HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest keep-alive interval or timeout accepted.
+pub const MAX_HTTP2_KEEPALIVE: Duration = Duration::from_secs(24 * 3600);
 /// L7 upstream: connections (HTTP/2 and HTTP/1.1) per server and identity;
 /// 256 × 100 streams holds 20,000 watches with room to spare.
 pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS_PER_SERVER: usize = 256;

@@ -622,6 +622,14 @@ fn http_frontend(errs: &mut Errors, base: &str, f: &RawFrontend) -> Option<HttpF
         &f.http2_keepalive_timeout,
         DEFAULT_HTTP2_KEEPALIVE_TIMEOUT,
     );
+    for (key, d) in [
+        ("http2_keepalive_interval", keepalive_interval),
+        ("http2_keepalive_timeout", keepalive_timeout),
+    ] {
+        if d > MAX_HTTP2_KEEPALIVE {
+            errs.push(format!("{base}.{key}"), "must be at most 24h");
+        }
+    }
     let Some(t) = &f.tls else {
         errs.push(
             format!("{base}.tls"),

@@ -37,8 +37,10 @@ pub struct Limits {
     pub max_header_list: u32,
     /// For the client's connection preface.
     pub handshake_timeout: Duration,
-    /// PINGs to the client: find dead peers without cutting idle watches.
+    /// A PING to the client this often: find dead peers without cutting
+    /// idle watches.
     pub keepalive: Duration,
+    /// No answer to a PING within this closes the connection.
     pub keepalive_timeout: Duration,
 }
 
@@ -108,6 +110,8 @@ where
     let mut pings = conn.ping_pong().ok_or("the PING handle was taken")?;
     let (every, wait) = (limits.keepalive, limits.keepalive_timeout);
     let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    // A late answer (timeout above the interval) must not send a burst.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let pong_due = tokio::time::sleep(wait);
     // Made once: a waiter on the process-wide tokens per request would cost
     // a lock each.
@@ -161,7 +165,8 @@ type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// Boxes the future `make` returns, built in its allocation. A request's
 /// future is kilobytes (its state across every await); one built first and
 /// then boxed, or moved into an `async fn` that pins it, is copied whole
-/// each time (round 11: a quarter of L7's memmove).
+/// each time (round 11: memmove fell from 17.8 % to 15.7 % of L7 CPU).
+/// In place is the optimizer's doing, not a language guarantee.
 fn in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     let slot = Box::<F>::new_uninit();
     Box::into_pin(Box::write(slot, make()))
