@@ -644,12 +644,12 @@ async fn http_mode_config_is_validated() {
         (h.http2_keepalive_interval, h.http2_keepalive_timeout),
         (Duration::from_secs(30), Duration::from_secs(20))
     );
-    let e = apilb::config::parse(&ok.replace(
-        "mode: http\n",
-        "mode: http\n    http2_keepalive_interval: 0s\n    http2_keepalive_timeout: soon\n",
-    ))
-    .unwrap_err()
-    .to_string();
+    // The error for `ok` with `keys` added to the frontend.
+    let refused = |keys: &str| {
+        let yaml = ok.replace("mode: http\n", &format!("mode: http\n{keys}"));
+        apilb::config::parse(&yaml).unwrap_err().to_string()
+    };
+    let e = refused("    http2_keepalive_interval: 0s\n    http2_keepalive_timeout: soon\n");
     assert!(
         e.contains("frontends[0].http2_keepalive_interval: must be longer than 0"),
         "{e}"
@@ -658,12 +658,7 @@ async fn http_mode_config_is_validated() {
         e.contains("frontends[0].http2_keepalive_timeout: invalid duration"),
         "{e}"
     );
-    let e = apilb::config::parse(&ok.replace(
-        "mode: http\n",
-        "mode: http\n    http2_keepalive_interval: 25h\n",
-    ))
-    .unwrap_err()
-    .to_string();
+    let e = refused("    http2_keepalive_interval: 25h\n");
     assert!(
         e.contains("frontends[0].http2_keepalive_interval: must be at most 24h"),
         "{e}"

@@ -612,24 +612,7 @@ fn http_frontend(errs: &mut Errors, base: &str, f: &RawFrontend) -> Option<HttpF
             "must be between 1 and 10000",
         );
     }
-    let keepalive_interval = errs.duration(
-        format!("{base}.http2_keepalive_interval"),
-        &f.http2_keepalive_interval,
-        DEFAULT_HTTP2_KEEPALIVE_INTERVAL,
-    );
-    let keepalive_timeout = errs.duration(
-        format!("{base}.http2_keepalive_timeout"),
-        &f.http2_keepalive_timeout,
-        DEFAULT_HTTP2_KEEPALIVE_TIMEOUT,
-    );
-    for (key, d) in [
-        ("http2_keepalive_interval", keepalive_interval),
-        ("http2_keepalive_timeout", keepalive_timeout),
-    ] {
-        if d > MAX_HTTP2_KEEPALIVE {
-            errs.push(format!("{base}.{key}"), "must be at most 24h");
-        }
-    }
+    let (keepalive_interval, keepalive_timeout) = keepalive(errs, base, f);
     let Some(t) = &f.tls else {
         errs.push(
             format!("{base}.tls"),
@@ -680,6 +663,30 @@ fn http_frontend(errs: &mut Errors, base: &str, f: &RawFrontend) -> Option<HttpF
         http2_keepalive_interval: keepalive_interval,
         http2_keepalive_timeout: keepalive_timeout,
     })
+}
+
+/// `http2_keepalive_interval` and `_timeout`: above zero, at most 24h (a
+/// larger one would overflow the clock when added to now).
+fn keepalive(errs: &mut Errors, base: &str, f: &RawFrontend) -> (Duration, Duration) {
+    let mut read = |key: &str, value: &Option<String>, default: Duration| {
+        let d = errs.duration(format!("{base}.{key}"), value, default);
+        if d > MAX_HTTP2_KEEPALIVE {
+            errs.push(format!("{base}.{key}"), "must be at most 24h");
+        }
+        d
+    };
+    (
+        read(
+            "http2_keepalive_interval",
+            &f.http2_keepalive_interval,
+            DEFAULT_HTTP2_KEEPALIVE_INTERVAL,
+        ),
+        read(
+            "http2_keepalive_timeout",
+            &f.http2_keepalive_timeout,
+            DEFAULT_HTTP2_KEEPALIVE_TIMEOUT,
+        ),
+    )
 }
 
 /// `strip_headers`: valid header names, kept lowercase.
