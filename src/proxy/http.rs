@@ -403,6 +403,13 @@ impl ReqBody {
     /// The body for the next attempt; `None` once a streamed body is spent.
     fn next(&mut self) -> Option<UpBody> {
         match self {
+            // Empty is zero-sized: boxing it allocates nothing (most
+            // requests are body-less GETs).
+            ReqBody::Whole(b) if b.is_empty() => Some(
+                Empty::new()
+                    .map_err(|n: Infallible| -> BoxError { match n {} })
+                    .boxed(),
+            ),
             ReqBody::Whole(b) => Some(
                 Full::new(b.clone())
                     .map_err(|n: Infallible| match n {})
