@@ -36,15 +36,15 @@ impl Body for PeerBody {
         match self.get_mut() {
             PeerBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             PeerBody::H2(r) => {
-                if !r.is_end_stream() {
-                    match std::task::ready!(r.poll_data(cx)) {
-                        Some(Ok(d)) => {
-                            let _ = r.flow_control().release_capacity(d.len());
-                            return Poll::Ready(Some(Ok(Frame::data(d))));
-                        }
-                        Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                        None => {}
+                // No `is_end_stream` first: each call into the stream takes
+                // its connection's lock, and an ended stream's data is None.
+                match std::task::ready!(r.poll_data(cx)) {
+                    Some(Ok(d)) => {
+                        let _ = r.flow_control().release_capacity(d.len());
+                        return Poll::Ready(Some(Ok(Frame::data(d))));
                     }
+                    Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                    None => {}
                 }
                 r.poll_trailers(cx).map(|t| {
                     t.transpose()
