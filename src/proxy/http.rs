@@ -207,6 +207,13 @@ fn log_end(r: Result<(), hyper::Error>) {
     }
 }
 
+/// An empty body. Zero-sized, so boxing it allocates nothing.
+fn empty() -> BoxBody<Bytes, BoxError> {
+    Empty::new()
+        .map_err(|n: Infallible| -> BoxError { match n {} })
+        .boxed()
+}
+
 fn local(status: StatusCode, msg: impl Into<String>) -> Response<RespBody> {
     let mut body = msg.into();
     body.push('\n');
@@ -292,12 +299,7 @@ async fn proxy(conn: Arc<Conn>, mut req: Request<PeerBody>) -> Response<RespBody
             let server_up = hyper::upgrade::on(&mut resp);
             tunnel(&conn, client_up, server_up, guard, lease);
             let (parts, _) = resp.into_parts();
-            return Response::from_parts(
-                parts,
-                Empty::new()
-                    .map_err(|n: Infallible| -> BoxError { match n {} })
-                    .boxed(),
-            );
+            return Response::from_parts(parts, empty());
         }
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
@@ -403,13 +405,8 @@ impl ReqBody {
     /// The body for the next attempt; `None` once a streamed body is spent.
     fn next(&mut self) -> Option<UpBody> {
         match self {
-            // Empty is zero-sized: boxing it allocates nothing (most
-            // requests are body-less GETs).
-            ReqBody::Whole(b) if b.is_empty() => Some(
-                Empty::new()
-                    .map_err(|n: Infallible| -> BoxError { match n {} })
-                    .boxed(),
-            ),
+            // Most requests are body-less GETs: no allocation for them.
+            ReqBody::Whole(b) if b.is_empty() => Some(empty()),
             ReqBody::Whole(b) => Some(
                 Full::new(b.clone())
                     .map_err(|n: Infallible| match n {})
