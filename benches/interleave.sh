@@ -74,7 +74,7 @@ haproxy_cfg() { # listen port
   done
 }
 
-arms=() ports=() procs=()
+ports=() procs=()
 n=0
 for arm in "${given[@]}"; do
   n=$((n + 1))
@@ -88,7 +88,6 @@ for arm in "${given[@]}"; do
   fi
   pids+=($!)
   procs+=($!)
-  arms+=("$arm")
   ports+=("$port")
 done
 
@@ -100,7 +99,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 sleep 1.5
 for k in $(seq 0 $((n - 1))); do
-  [ -n "$(load "${ports[$k]}" 2)" ] || { echo "arm ${arms[$k]} did not answer" >&2; exit 1; }
+  [ -n "$(load "${ports[$k]}" 2)" ] || { echo "arm ${given[$k]} did not answer" >&2; exit 1; }
 done
 : > results
 for r in $(seq 1 "$rounds"); do
@@ -116,6 +115,6 @@ for r in $(seq 1 "$rounds"); do
   echo "$line"
 done
 for k in $(seq 0 $((n - 1))); do
-  awk -v k="$k" -v name="${arms[$k]}" '$1 == k { s += $2; u += $3; c++ }
+  awk -v k="$k" -v name="${given[$k]}" '$1 == k { s += $2; u += $3; c++ }
     END { printf "arm %d (%s): mean %.0f req/s, %.2f CPU us per request\n", k + 1, name, s / c, u / c }' results
 done
