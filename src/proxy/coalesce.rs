@@ -23,10 +23,11 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes gathered before a write goes through without waiting for the flush.
+/// A gather takes a buffer of this size at its first byte and frees it once
+/// drained: it never grows (each step of which copies what was gathered,
+/// round 14: 1.9 % of L7 instructions under h2load -c16 -m32), and idle
+/// connections (thousands of watches) hold none.
 const GATHER: usize = 64 * 1024;
-/// A buffer that grew above this is freed once drained: idle connections
-/// (thousands of watches) hold none.
-const KEEP: usize = 16 * 1024;
 /// Runtime turns a flush may wait for while each brings more bytes.
 const MAX_TURNS: u8 = 12;
 
@@ -42,9 +43,6 @@ pub struct Coalesced<T> {
     /// Bytes gathered when the pending turn began, and turns waited so far.
     mark: usize,
     turns: u8,
-    /// The last drain sent more than [`KEEP`]: the next gather starts at
-    /// full size instead of growing (and copying) from empty again.
-    busy: bool,
 }
 
 impl<T> Coalesced<T> {
@@ -56,7 +54,6 @@ impl<T> Coalesced<T> {
             turn: None,
             mark: 0,
             turns: 0,
-            busy: false,
         }
     }
 }
@@ -72,14 +69,7 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
             self.sent += n;
         }
         self.sent = 0;
-        if !self.buf.is_empty() {
-            self.busy = self.buf.len() > KEEP;
-        }
-        if self.buf.capacity() > KEEP {
-            self.buf = Vec::new();
-        } else {
-            self.buf.clear();
-        }
+        self.buf = Vec::new();
         Poll::Ready(Ok(()))
     }
 }
@@ -136,17 +126,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
         if this.buf.len() >= GATHER {
             ready!(this.poll_drain(cx))?;
         }
-        let room = GATHER.saturating_sub(this.buf.len()).max(1);
-        let wanted = bufs.iter().map(|b| b.len()).sum::<usize>().min(room);
-        if (this.busy || this.buf.len() + wanted > KEEP) && this.buf.capacity() < GATHER {
-            // A buffer past KEEP is freed at the drain anyway: grown to a
-            // full gather at once, not by doubling, each step of which
-            // copies what was gathered (round 11: 1 % of L7 CPU time under
-            // h2load -c16 -m32), and on a busy connection before its first
-            // byte (round 13: one allocation per flush instead of ~12).
-            // Smaller ones grow as usual and are kept.
-            this.buf.reserve_exact(GATHER - this.buf.len());
+        if this.buf.capacity() == 0 {
+            this.buf.reserve_exact(GATHER);
         }
+        let room = GATHER - this.buf.len();
         let mut taken = 0;
         for b in bufs {
             let n = b.len().min(room - taken);
@@ -202,16 +185,15 @@ mod tests {
             .chunks(1000)
             .enumerate()
             .all(|(i, c)| c.iter().all(|x| *x == i as u8)));
-        assert_eq!(w.buf.capacity(), 0, "a drained large buffer is freed");
+        assert_eq!(w.buf.capacity(), 0, "a drained buffer is freed");
 
-        // That flush was large: the next gather starts at full size.
+        // A small gather takes a full-size buffer too, and gives it back.
         w.write_all(&[7; 100]).await.unwrap();
-        assert_eq!(w.buf.capacity(), GATHER, "a busy connection's gather");
+        assert_eq!(w.buf.capacity(), GATHER, "a gather's buffer is never grown");
         w.flush().await.unwrap();
+        assert_eq!(w.buf.capacity(), 0, "an idle connection holds no buffer");
         b.read_exact(&mut got[..100]).await.unwrap();
-        // That one was small: the connection gathers from empty again.
-        w.write_all(&[8; 100]).await.unwrap();
-        assert!(w.buf.capacity() < KEEP, "an idle connection's gather");
+        assert!(got[..100].iter().all(|x| *x == 7));
     }
 
     /// Polls a flush on `w`, writing `chunk` bytes before each poll (a
