@@ -66,14 +66,8 @@ impl Scanner {
             if self.head_len < 9 {
                 return Event::None;
             }
-            self.len = (self.head[0] as usize) << 16
-                | (self.head[1] as usize) << 8
-                | self.head[2] as usize;
-            self.pos = 0;
-            if self.len == 0 {
-                self.head_len = 0;
-            }
-            return Event::Head(self.head[3], self.head[4]);
+            let (t, flags) = self.headed();
+            return Event::Head(t, flags);
         }
         let p = self.pos;
         self.pos += 1;
@@ -81,6 +75,29 @@ impl Scanner {
             self.head_len = 0;
         }
         Event::Payload(p)
+    }
+
+    /// Takes a whole frame header in one step when one starts at `bytes`
+    /// (at a frame boundary, nine bytes at hand): the usual case, where
+    /// [`Scanner::feed`] would take nine. Returns its type and flags.
+    pub fn head_from(&mut self, bytes: &[u8]) -> Option<(u8, u8)> {
+        if !self.at_boundary() {
+            return None;
+        }
+        self.head = bytes.get(..9)?.try_into().ok()?;
+        self.head_len = 9;
+        Some(self.headed())
+    }
+
+    /// The header is complete: the payload's length is known.
+    fn headed(&mut self) -> (u8, u8) {
+        self.len =
+            (self.head[0] as usize) << 16 | (self.head[1] as usize) << 8 | self.head[2] as usize;
+        self.pos = 0;
+        if self.len == 0 {
+            self.head_len = 0;
+        }
+        (self.head[3], self.head[4])
     }
 
     /// Payload bytes of the current frame not yet fed (0 between frames),
@@ -167,19 +184,14 @@ impl<T> Watched<T> {
                 bytes = &bytes[n..];
                 continue;
             }
+            if let Some((t, flags)) = self.read.head_from(bytes) {
+                self.read_head(t, flags);
+                bytes = &bytes[9..];
+                continue;
+            }
             bytes = rest;
             match self.read.feed(b) {
-                Event::Head(t, flags) => {
-                    let id = self.read.stream_id();
-                    let ends =
-                        (t == FRAME_DATA || t == FRAME_HEADERS) && flags & FLAG_END_STREAM != 0;
-                    if ends || t == FRAME_RST_STREAM {
-                        self.open.remove(&id);
-                    }
-                    if t == FRAME_GOAWAY {
-                        self.state.draining.store(true, Relaxed);
-                    }
-                }
+                Event::Head(t, flags) => self.read_head(t, flags),
                 Event::Payload(p) if p < 4 && self.read.frame_type() == FRAME_GOAWAY => {
                     self.goaway_id[p] = b;
                     if p == 3 {
@@ -192,6 +204,32 @@ impl<T> Watched<T> {
         }
     }
 
+    /// A frame from the server begins.
+    fn read_head(&mut self, t: u8, flags: u8) {
+        let id = self.read.stream_id();
+        let ends = (t == FRAME_DATA || t == FRAME_HEADERS) && flags & FLAG_END_STREAM != 0;
+        if ends || t == FRAME_RST_STREAM {
+            self.open.remove(&id);
+        }
+        if t == FRAME_GOAWAY {
+            self.state.draining.store(true, Relaxed);
+        }
+    }
+
+    /// A frame to the server begins.
+    fn write_head(&mut self, t: u8) {
+        let id = self.write.stream_id();
+        match t {
+            FRAME_HEADERS => {
+                self.open.insert(id);
+            }
+            FRAME_RST_STREAM => {
+                self.open.remove(&id);
+            }
+            _ => {}
+        }
+    }
+
     fn scan_write(&mut self, mut bytes: &[u8]) {
         while let Some((&b, rest)) = bytes.split_first() {
             let n = self.write.skippable().min(bytes.len());
@@ -200,18 +238,14 @@ impl<T> Watched<T> {
                 bytes = &bytes[n..];
                 continue;
             }
+            if let Some((t, _)) = self.write.head_from(bytes) {
+                self.write_head(t);
+                bytes = &bytes[9..];
+                continue;
+            }
             bytes = rest;
             if let Event::Head(t, _) = self.write.feed(b) {
-                let id = self.write.stream_id();
-                match t {
-                    FRAME_HEADERS => {
-                        self.open.insert(id);
-                    }
-                    FRAME_RST_STREAM => {
-                        self.open.remove(&id);
-                    }
-                    _ => {}
-                }
+                self.write_head(t);
             }
         }
     }
