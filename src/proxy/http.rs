@@ -231,22 +231,29 @@ fn local(status: StatusCode, msg: impl Into<String>) -> Response<RespBody> {
 }
 
 /// Requests with no response deadline: watches, follows, exec/attach/port-forward, proxy.
+/// One pass over the query and one over the path's segments (this runs for
+/// every request: two substring searches and two query walks cost ~500
+/// instructions).
 pub fn is_long_running(uri: &Uri) -> bool {
-    let q = uri.query().unwrap_or("");
-    let flag = |k: &str| {
+    let flagged = uri.query().is_some_and(|q| {
         q.split('&').any(|kv| {
-            kv.strip_prefix(k)
-                .and_then(|v| v.strip_prefix('='))
-                .is_some_and(|v| v == "true" || v == "1")
+            kv.split_once('=')
+                .is_some_and(|(k, v)| matches!(k, "watch" | "follow") && matches!(v, "true" | "1"))
         })
-    };
-    let path = uri.path();
-    flag("watch")
-        || flag("follow")
-        || path.contains("/watch/")
-        || path
-            .split('/')
-            .any(|seg| matches!(seg, "exec" | "attach" | "portforward" | "proxy"))
+    });
+    if flagged {
+        return true;
+    }
+    let mut segs = uri.path().split('/').enumerate().peekable();
+    while let Some((i, seg)) = segs.next() {
+        match seg {
+            "exec" | "attach" | "portforward" | "proxy" => return true,
+            // `/watch/` inside the path: neither its first nor last segment.
+            "watch" if i > 0 && segs.peek().is_some() => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 fn is_upgrade(req: &Request<PeerBody>) -> bool {
@@ -853,6 +860,10 @@ mod tests {
             ("/api/v1/namespaces/d/services/s/proxy/healthz", true),
             ("/api/v1/namespaces", false),
             ("/api/v1/namespaces?watch=false", false),
+            ("/api/v1/namespaces?watch", false),
+            ("/api/v1/namespaces?watchx=true&follow=0", false),
+            ("/api/v1/namespaces/d/pods/watch", false),
+            ("/api/v1/namespaces/d/pods/watch/log", true),
             ("/version", false),
         ] {
             assert_eq!(is_long_running(&u.parse().unwrap()), want, "{u}");
