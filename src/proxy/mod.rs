@@ -1,6 +1,7 @@
 //! Client traffic, as services handed an accepted socket: `tcp` relays L4
 //! connections through `pump`; `http` serves L7 frontends over `upstream`
-//! connections (`coalesce` gathering each flush's writes), HTTP/2 clients
+//! connections (`coalesce` gathering each flush's writes, `readahead` taking
+//! what an upstream socket holds in one read), HTTP/2 clients
 //! through `h2serve` (`h2body` moving bodies both ways), with `h1guard` checking HTTP/1 request heads first, `headers`
 //! doing header hygiene and `handles` keeping its metric handles resolved. None of
 //! them accepts, reads files or looks at the snapshot: what they need is
@@ -15,6 +16,7 @@ pub mod handles;
 pub mod headers;
 pub mod http;
 pub mod pump;
+pub mod readahead;
 pub mod tcp;
 pub mod upstream;
 

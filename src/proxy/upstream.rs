@@ -38,6 +38,7 @@ use tracing::debug;
 pub use super::h2body::BoxError;
 use super::h2body::{pipe, PeerBody, MAX_SEND_BUF};
 use super::h2frames::{GoawayState, Watched};
+use super::readahead::ReadAhead;
 use crate::balancer::Backend;
 use crate::config::{PoolConfig, UpstreamLimits};
 use crate::metrics::BackendMetrics;
@@ -544,7 +545,7 @@ impl Upstream {
         backend: &Backend,
         identity: Identity,
         upgrade: bool,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+    ) -> Result<tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>, ConnectError> {
         let clients = match identity {
             Identity::Plain => &self.tls.plain,
             Identity::FrontProxy => self
@@ -565,7 +566,7 @@ impl Upstream {
             .map_err(ConnectError::Tcp)?;
         crate::net::tune(&tcp);
         tokio_rustls::TlsConnector::from(config.clone())
-            .connect(name, tcp)
+            .connect(name, ReadAhead::new(tcp))
             .await
             .map_err(ConnectError::Tls)
     }
