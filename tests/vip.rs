@@ -563,6 +563,13 @@ async fn one_holder_survives_sigkill_and_the_restarted_node_stays_out() {
         || async { (!lab.holders().contains(&first)).then_some(()) },
     )
     .await;
+    // The log line follows the removal, and reaches the test through a pipe.
+    wait_for(
+        "the restarted node logs the removal",
+        Duration::from_secs(5),
+        || async { (lab.node(first).count("removed a stale VIP") > 0).then_some(()) },
+    )
+    .await;
     assert!(
         lab.node(first).count("removed a stale VIP") == 1,
         "{}",
