@@ -50,6 +50,8 @@ struct Opts {
     only: Option<String>,
     /// Scenario b's open-loop rate, requests per second over all connections.
     rate: f64,
+    /// Scenario e's open-loop rate (16 HTTP/2 connections, 32 streams each).
+    e_rate: f64,
     /// Scenario b's wrk (closed-loop) runs; off leaves only the open loop.
     wrk: bool,
     /// A second, identical apilb and HAProxy arm (the run's noise floor).
@@ -75,6 +77,7 @@ fn opts() -> Opts {
         secs: num("APILB_BENCH_SECS", if quick { 1 } else { 20 }),
         runs: num("APILB_BENCH_RUNS", if quick { 1 } else { 5 }) as usize,
         rate: num("APILB_BENCH_RATE", 10_000) as f64,
+        e_rate: num("APILB_BENCH_E_RATE", 20_000) as f64,
         wrk: std::env::var("APILB_BENCH_WRK").as_deref() != Ok("0"),
         twins: std::env::var("APILB_BENCH_TWINS").as_deref() == Ok("1"),
         only: std::env::var("APILB_BENCH_ONLY")
@@ -819,10 +822,11 @@ fn open_watches(addr: SocketAddr, ca: &Path, n: usize) -> Watches {
     }
 }
 
-/// Scenario b at a fixed rate (open loop) through every arm, the arms taking
-/// turns in 100 ms slices: added p50, p99, p99.9 and median-slice p99 over
-/// the direct arm, and each proxy's context switches per request, as
-/// ((scenario, metric, arm), µs).
+/// Scenario b (`kind` plain or tls) or e (`kind` h2: up to 32 streams per
+/// connection, as h2load `-m32`) at a fixed rate (open loop) through every
+/// arm, the arms taking turns in 100 ms slices: added p50, p99, p99.9 and
+/// median-slice p99 over the direct arm, and each proxy's context switches
+/// per request, as ((scenario, metric, arm), µs).
 fn fixed_rate(
     arms: &[(String, Option<Proc>, Ports)],
     kind: &str,
@@ -836,18 +840,20 @@ fn fixed_rate(
         rate,
         secs: secs as f64,
         slice: Duration::from_millis(100),
+        h2_streams: (kind == "h2").then_some(32),
     };
     let targets: Vec<openloop::Target> = arms
         .iter()
-        .map(|(_, _, ports)| match kind {
-            "plain" => openloop::Target {
-                addr: SocketAddr::from(([127, 0, 0, 1], ports.plain)),
-                tls: None,
-            },
-            _ => openloop::Target {
-                addr: SocketAddr::from(([127, 0, 0, 1], ports.tls)),
-                tls: Some(tls.clone()),
-            },
+        .map(|(_, _, ports)| {
+            let (port, tls) = match kind {
+                "plain" => (ports.plain, None),
+                "h2" => (ports.l7, Some(tls.clone())),
+                _ => (ports.tls, Some(tls.clone())),
+            };
+            openloop::Target {
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                tls,
+            }
         })
         .collect();
     let pids: Vec<Option<u32>> = arms
@@ -862,7 +868,10 @@ fn fixed_rate(
     let got = openloop::run(&targets, "/1k", &load, direct)
         .unwrap_or_else(|e| panic!("open-loop load ({kind}, c={conns}): {e}"));
     let served = rate * secs as f64;
-    let s = format!("b keep-alive 1 KiB, {kind}, c={conns}");
+    let s = match kind {
+        "h2" => "e HTTP/2 L7".to_string(),
+        _ => format!("b keep-alive 1 KiB, {kind}, c={conns}"),
+    };
     let k = rate / 1000.0;
     let base = [
         got[direct].p50_us,
@@ -884,7 +893,10 @@ fn fixed_rate(
             .iter()
             .enumerate()
         {
-            let m = format!("added {q} µs at {k:.0}k req/s (open loop)");
+            let m = match kind {
+                "h2" => format!("added {q} µs at {k:.0}k req/s (open loop, c{conns} m32)"),
+                _ => format!("added {q} µs at {k:.0}k req/s (open loop)"),
+            };
             out.push(((s.clone(), m, name.clone()), v[i] - base[i]));
         }
         if let Some(pid) = pids[a] {
@@ -1125,6 +1137,12 @@ fn main() {
         m.alpn = vec![b"http/1.1".to_vec()];
         m.build().unwrap()
     };
+    let h2_client = {
+        let mut m =
+            apilb::tls::ClientMaterial::from_files(Some(&ca_file), None, None, false).unwrap();
+        m.alpn = vec![b"h2".to_vec()];
+        m.build().unwrap()
+    };
     let mut r = Results::default();
     let secs = o.secs;
     let rounds = if o.quick { o.runs } else { o.runs + 1 }; // first round warms up
@@ -1321,6 +1339,11 @@ fn main() {
                         p99 - base.1,
                     );
                 }
+            }
+            // Below every arm's capacity, where h2load's closed loop keeps
+            // each proxy saturated and its latency mostly queue.
+            for (m, v) in fixed_rate(e_arms, "h2", 16, o.e_rate, secs, &h2_client) {
+                rec(&mut r, &m.0, &m.1, &m.2, v);
             }
         }
         // f: L7 GETs while many watches are open (apilb vs HAProxy).

@@ -1,7 +1,9 @@
-//! Open-loop HTTP/1.1 load: requests fall due on a fixed schedule, spread
-//! round-robin over keep-alive connections, and latency counts from when a
-//! request was due, so a slow answer is charged for the requests it held
-//! back (no coordinated omission).
+//! Open-loop HTTP/1.1 or HTTP/2 load: requests fall due on a fixed
+//! schedule, spread round-robin over keep-alive connections, and latency
+//! counts from when a request was due, so a slow answer is charged for the
+//! requests it held back (no coordinated omission). Over HTTP/2 a
+//! connection carries up to a set number of streams at once (h2load's
+//! `-m`); over HTTP/1.1, one request at a time.
 //!
 //! wrk keeps every connection busy: at saturation its latency is mostly the
 //! queue on the load generator's own CPU. At a fixed rate below what every
@@ -28,6 +30,8 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use rustls::{ClientConfig, ClientConnection};
 
+mod h2;
+
 /// What to send and how fast, per target.
 pub struct Load {
     /// Keep-alive connections to each target.
@@ -38,6 +42,9 @@ pub struct Load {
     pub secs: f64,
     /// Targets take turns holding the load for this long each.
     pub slice: Duration,
+    /// HTTP/2 (over TLS with ALPN h2) with at most this many streams in
+    /// flight per connection; `None` is HTTP/1.1, one request at a time.
+    pub h2_streams: Option<usize>,
 }
 
 /// Where to send: an address, TLS when a client config is given.
@@ -74,16 +81,17 @@ pub fn run(targets: &[Target], path: &str, load: &Load, quiet: usize) -> io::Res
     let mut poll = Poll::new()?;
     let mut conns = Vec::with_capacity(targets.len() * load.conns);
     for (t, target) in targets.iter().enumerate() {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", target.addr);
         for _ in 0..load.conns {
             let token = Token(conns.len());
-            conns.push(Conn::open(
-                target,
-                request.clone().into_bytes(),
-                t,
-                poll.registry(),
-                token,
-            )?);
+            let proto = match load.h2_streams {
+                None => Proto::H1 {
+                    request: format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", target.addr)
+                        .into_bytes(),
+                    busy: false,
+                },
+                Some(m) => Proto::H2(h2::Session::new(path, &target.addr.to_string(), m)),
+            };
+            conns.push(Conn::open(target, proto, t, poll.registry(), token)?);
         }
     }
     let timer = Timer::new()?;
@@ -117,7 +125,7 @@ pub fn run(targets: &[Target], path: &str, load: &Load, quiet: usize) -> io::Res
             let c = &mut conns[t * load.conns + (sent[t] % load.conns as u64) as usize];
             sent[t] += 1;
             c.due.push_back((begin + next * step, slice));
-            c.send_if_idle()?;
+            c.send_due()?;
             next += 1;
         }
         if next < total {
@@ -284,17 +292,22 @@ impl Timer {
 }
 
 /// One keep-alive connection: the due times of its requests not yet
-/// answered (the front one is on the wire when `busy`).
+/// answered.
 struct Conn {
     sock: TcpStream,
     tls: Option<ClientConnection>,
-    request: Vec<u8>,
+    proto: Proto,
     /// Index of the target this connection goes to.
     target: usize,
     buf: Vec<u8>,
-    /// Due time and slice of each request on the wire or waiting.
+    /// Due time and slice of each request not yet sent (HTTP/2), or not yet
+    /// answered, the front one on the wire when `busy` (HTTP/1.1).
     due: VecDeque<(u64, u64)>,
-    busy: bool,
+}
+
+enum Proto {
+    H1 { request: Vec<u8>, busy: bool },
+    H2(h2::Session),
 }
 
 impl Conn {
@@ -302,7 +315,7 @@ impl Conn {
     /// built state stay out of the measurement), then goes non-blocking.
     fn open(
         to: &Target,
-        request: Vec<u8>,
+        proto: Proto,
         target: usize,
         registry: &mio::Registry,
         token: Token,
@@ -321,12 +334,16 @@ impl Conn {
         let mut c = Conn {
             sock: TcpStream::from_std(std_sock),
             tls,
-            request,
+            proto,
             target,
             buf: Vec::with_capacity(4096),
             due: VecDeque::new(),
-            busy: false,
         };
+        if let Proto::H2(s) = &c.proto {
+            let mut preface = Vec::new();
+            s.preface(&mut preface);
+            c.write(&preface)?;
+        }
         c.warm_up()?;
         registry.register(&mut c.sock, token, Interest::READABLE)?;
         Ok(c)
@@ -338,7 +355,7 @@ impl Conn {
         poll.registry()
             .register(&mut self.sock, Token(0), Interest::READABLE)?;
         self.due.push_back((now_ns(), 0));
-        self.send_if_idle()?;
+        self.send_due()?;
         let mut sink = Vec::new();
         let mut events = Events::with_capacity(4);
         while sink.is_empty() {
@@ -351,15 +368,40 @@ impl Conn {
         poll.registry().deregister(&mut self.sock)
     }
 
-    fn send_if_idle(&mut self) -> io::Result<()> {
-        if self.busy || self.due.is_empty() {
+    /// Sends the due requests the connection has room for: over HTTP/1.1
+    /// the next one once the last was answered, over HTTP/2 as many as free
+    /// streams allow, in one write.
+    fn send_due(&mut self) -> io::Result<()> {
+        match &mut self.proto {
+            Proto::H1 { request, busy } => {
+                if *busy || self.due.is_empty() {
+                    return Ok(());
+                }
+                *busy = true;
+                let request = request.clone();
+                self.write(&request)
+            }
+            Proto::H2(s) => {
+                let mut out = Vec::new();
+                while s.has_room() {
+                    let Some(due) = self.due.pop_front() else {
+                        break;
+                    };
+                    s.request(due, &mut out);
+                }
+                self.write(&out)
+            }
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.is_empty() {
             return Ok(());
         }
-        self.busy = true;
         match &mut self.tls {
-            None => write_all_nb(&mut self.sock, &self.request),
+            None => write_all_nb(&mut self.sock, bytes),
             Some(t) => {
-                t.writer().write_all(&self.request)?;
+                t.writer().write_all(bytes)?;
                 self.flush_tls()
             }
         }
@@ -377,26 +419,41 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads what arrived; a complete response records its latency and
-    /// sends the next request already due on this connection. Returns how
-    /// many responses completed.
+    /// Reads what arrived; every complete response records its latency,
+    /// and the requests due that now fit are sent. Returns how many
+    /// responses completed.
     fn on_ready(&mut self, lat: &mut Vec<(u64, u64)>) -> io::Result<usize> {
         self.read_available()?;
-        let mut n = 0;
-        while self.busy {
-            let Some(len) = response_len(&self.buf)? else {
-                break;
-            };
-            if self.buf.len() < len {
-                break;
+        let n = match &mut self.proto {
+            Proto::H1 { busy, .. } => {
+                let mut n = 0;
+                while *busy {
+                    let Some(len) = response_len(&self.buf)? else {
+                        break;
+                    };
+                    if self.buf.len() < len {
+                        break;
+                    }
+                    self.buf.drain(..len);
+                    let (due, slice) = self.due.pop_front().expect("a request was on the wire");
+                    lat.push((slice, now_ns().saturating_sub(due)));
+                    *busy = false;
+                    n += 1;
+                }
+                n
             }
-            self.buf.drain(..len);
-            let (due, slice) = self.due.pop_front().expect("a request was on the wire");
-            lat.push((slice, now_ns().saturating_sub(due)));
-            self.busy = false;
-            n += 1;
-            self.send_if_idle()?;
-        }
+            Proto::H2(s) => {
+                let mut out = Vec::new();
+                let before = lat.len();
+                let now = now_ns();
+                s.receive(&mut self.buf, &mut out, |(due, slice)| {
+                    lat.push((slice, now.saturating_sub(due)))
+                })?;
+                self.write(&out)?;
+                lat.len() - before
+            }
+        };
+        self.send_due()?;
         Ok(n)
     }
 
