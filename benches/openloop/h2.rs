@@ -15,7 +15,7 @@ const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
-const CONTINUATION: u8 = 0x9;
+const WINDOW_UPDATE: u8 = 0x8;
 const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -66,7 +66,7 @@ impl Session {
             s.extend(v.to_be_bytes());
         }
         frame(out, SETTINGS, 0, 0, &s);
-        frame(out, 0x8, 0, 0, &(WINDOW - 65_535).to_be_bytes());
+        frame(out, WINDOW_UPDATE, 0, 0, &(WINDOW - 65_535).to_be_bytes());
     }
 
     pub fn has_room(&self) -> bool {
@@ -120,7 +120,7 @@ impl Session {
             DATA => {
                 self.unacked += payload.len() as u32;
                 if self.unacked >= WINDOW / 2 {
-                    frame(out, 0x8, 0, 0, &self.unacked.to_be_bytes());
+                    frame(out, WINDOW_UPDATE, 0, 0, &self.unacked.to_be_bytes());
                     self.unacked = 0;
                 }
             }
@@ -130,7 +130,7 @@ impl Session {
             PING if flags & ACK == 0 => frame(out, PING, ACK, 0, payload),
             RST_STREAM => return Err(io::Error::other(format!("stream {id} was reset"))),
             GOAWAY => return Err(io::Error::other("the server sent GOAWAY")),
-            CONTINUATION => {}
+            // CONTINUATION, WINDOW_UPDATE, acknowledgements: nothing to do.
             _ => {}
         }
         if matches!(kind, DATA | HEADERS) && flags & END_STREAM != 0 {

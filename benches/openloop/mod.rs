@@ -378,8 +378,7 @@ impl Conn {
                     return Ok(());
                 }
                 *busy = true;
-                let request = request.clone();
-                self.write(&request)
+                send(&mut self.sock, self.tls.as_mut(), request)
             }
             Proto::H2(s) => {
                 let mut out = Vec::new();
@@ -395,28 +394,7 @@ impl Conn {
     }
 
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        match &mut self.tls {
-            None => write_all_nb(&mut self.sock, bytes),
-            Some(t) => {
-                t.writer().write_all(bytes)?;
-                self.flush_tls()
-            }
-        }
-    }
-
-    fn flush_tls(&mut self) -> io::Result<()> {
-        let t = self.tls.as_mut().expect("TLS connection");
-        while t.wants_write() {
-            match t.write_tls(&mut self.sock) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(&self.sock)?,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        send(&mut self.sock, self.tls.as_mut(), bytes)
     }
 
     /// Reads what arrived; every complete response records its latency,
@@ -477,8 +455,8 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
-        if self.tls.as_ref().is_some_and(|t| t.wants_write()) {
-            self.flush_tls()?; // handshake messages, key updates
+        if let Some(t) = self.tls.as_mut().filter(|t| t.wants_write()) {
+            flush_tls(&mut self.sock, t)?; // handshake messages, key updates
         }
         Ok(())
     }
@@ -490,6 +468,31 @@ fn would_block(e: io::Error) -> io::Result<usize> {
     } else {
         Err(e)
     }
+}
+
+/// Writes `bytes` whole, through TLS when the connection has it.
+fn send(sock: &mut TcpStream, tls: Option<&mut ClientConnection>, bytes: &[u8]) -> io::Result<()> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    match tls {
+        None => write_all_nb(sock, bytes),
+        Some(t) => {
+            t.writer().write_all(bytes)?;
+            flush_tls(sock, t)
+        }
+    }
+}
+
+fn flush_tls(sock: &mut TcpStream, t: &mut ClientConnection) -> io::Result<()> {
+    while t.wants_write() {
+        match t.write_tls(sock) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(sock)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn write_all_nb(sock: &mut TcpStream, mut bytes: &[u8]) -> io::Result<()> {
