@@ -1131,18 +1131,13 @@ fn main() {
         None => Vec::new(),
     };
 
-    let tls_client = {
+    let client = |alpn: &[u8]| {
         let mut m =
             apilb::tls::ClientMaterial::from_files(Some(&ca_file), None, None, false).unwrap();
-        m.alpn = vec![b"http/1.1".to_vec()];
+        m.alpn = vec![alpn.to_vec()];
         m.build().unwrap()
     };
-    let h2_client = {
-        let mut m =
-            apilb::tls::ClientMaterial::from_files(Some(&ca_file), None, None, false).unwrap();
-        m.alpn = vec![b"h2".to_vec()];
-        m.build().unwrap()
-    };
+    let (tls_client, h2_client) = (client(b"http/1.1"), client(b"h2"));
     let mut r = Results::default();
     let secs = o.secs;
     let rounds = if o.quick { o.runs } else { o.runs + 1 }; // first round warms up
