@@ -123,6 +123,46 @@ fn pin_current_thread(cpu: usize) {
     }
 }
 
+/// How often the host takes CPU 1 away while both CPUs are busy, as the
+/// benchmark keeps them: a thread spins on CPU 0 while another, on CPU 1,
+/// reads the clock in a loop for `secs`. Returns the share (%) of 100 ms
+/// windows with a gap over [`openloop::STALL_NS`], and the longest gap in
+/// ms. A proxy on CPU 1 stalls as long as such a gap, whichever proxy it is.
+fn host_stalls(secs: f64) -> (f64, f64) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spin = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            pin_current_thread(0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    let probe = std::thread::spawn(move || {
+        pin_current_thread(1);
+        let (start, mut prev) = (Instant::now(), Instant::now());
+        let (mut windows, mut longest) = (std::collections::BTreeSet::new(), Duration::ZERO);
+        while prev - start < Duration::from_secs_f64(secs) {
+            let now = Instant::now();
+            let gap = now - prev;
+            if gap.as_nanos() > u128::from(openloop::STALL_NS) {
+                windows.insert((now - start).as_millis() / 100);
+            }
+            longest = longest.max(gap);
+            prev = now;
+        }
+        (
+            windows.len() as f64 / (secs * 10.0) * 100.0,
+            longest.as_secs_f64() * 1e3,
+        )
+    });
+    let got = probe.join().expect("the host probe thread");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    spin.join().expect("the spinning thread");
+    got
+}
+
 fn tune_sysctls() -> Vec<String> {
     let mut notes = Vec::new();
     for (k, v) in [
@@ -825,16 +865,18 @@ fn open_watches(addr: SocketAddr, ca: &Path, n: usize) -> Watches {
 /// Scenario b (`kind` plain or tls) or e (`kind` h2: up to 32 streams per
 /// connection, as h2load `-m32`) at a fixed rate (open loop) through every
 /// arm, the arms taking turns in 100 ms slices: added p50, p99, p99.9 and
-/// median-slice p99 over the direct arm, and each proxy's context switches
-/// per request, as ((scenario, metric, arm), µs).
-fn fixed_rate(
-    arms: &[(String, Option<Proc>, Ports)],
+/// median-slice p99 over the direct arm, each arm's share of stalled slices
+/// and each proxy's context switches per request, as ((scenario, metric,
+/// arm), value).
+fn fixed_rate<'a>(
+    arms: impl IntoIterator<Item = &'a (String, Option<Proc>, Ports)>,
     kind: &str,
     conns: usize,
     rate: f64,
     secs: u64,
     tls: &std::sync::Arc<rustls::ClientConfig>,
 ) -> Vec<((String, String, String), f64)> {
+    let arms: Vec<_> = arms.into_iter().collect();
     let load = openloop::Load {
         conns,
         rate,
@@ -883,9 +925,14 @@ fn fixed_rate(
     for (a, ((name, ..), l)) in arms.iter().zip(&got).enumerate() {
         let v = [l.p50_us, l.p99_us, l.p999_us, l.slice_p99_us];
         eprintln!(
-            "  open loop {rate} req/s {kind} c={conns} {name}: p50 {:.0} p99 {:.0} p99.9 {:.0} µs, median slice p99 {:.0} µs ({:.0} after direct, {:.0} after a proxy)",
-            v[0], v[1], v[2], v[3], l.slice_p99_after_quiet_us, l.slice_p99_after_busy_us
+            "  open loop {rate} req/s {kind} c={conns} {name}: p50 {:.0} p99 {:.0} p99.9 {:.0} µs, median slice p99 {:.0} µs ({:.0} after direct, {:.0} after a proxy), {:.1} % of slices stalled",
+            v[0], v[1], v[2], v[3], l.slice_p99_after_quiet_us, l.slice_p99_after_busy_us, l.stalled_slices * 100.0
         );
+        let m = format!(
+            "% of 100 ms slices with a response over {} ms late at {k:.0}k req/s",
+            openloop::STALL_NS / 1_000_000
+        );
+        out.push(((s.clone(), m, name.clone()), l.stalled_slices * 100.0));
         if name == "direct" {
             continue;
         }
@@ -1030,6 +1077,8 @@ fn main() {
     let mut sysctl_notes = tune_sysctls();
     let (_halt_poll, note) = HaltPoll::set();
     sysctl_notes.extend(note);
+    let probe_secs = if o.quick { 1.0 } else { 10.0 };
+    let (stalled, longest) = host_stalls(probe_secs);
     let have = |n: &str| which(n);
     for tool in ["taskset", "wrk", "curl"] {
         if have(tool).is_none() {
@@ -1337,7 +1386,7 @@ fn main() {
             }
             // Below every arm's capacity, where h2load's closed loop keeps
             // each proxy saturated and its latency mostly queue.
-            for (m, v) in fixed_rate(e_arms, "h2", 16, o.e_rate, secs, &h2_client) {
+            for (m, v) in fixed_rate(e_arms.iter(), "h2", 16, o.e_rate, secs, &h2_client) {
                 rec(&mut r, &m.0, &m.1, &m.2, v);
             }
         }
@@ -1381,6 +1430,17 @@ fn main() {
                     rec(&mut r, &s, "KiB PSS per watch", name, (w - b) / n as f64);
                 }
             }
+            // The same GETs at scenario e's fixed rate, below saturation,
+            // with the watches open through both proxies at once.
+            let f_arms = arms.iter().filter(|(n, ..)| n != "nginx");
+            let _watches: Vec<Watches> = f_arms
+                .clone()
+                .filter(|(n, ..)| n != "direct")
+                .map(|(_, _, ports)| open_watches(([127, 0, 0, 1], ports.l7).into(), &ca_file, n))
+                .collect();
+            for ((_, m, arm), v) in fixed_rate(f_arms, "h2", 16, o.e_rate, secs, &h2_client) {
+                rec(&mut r, &s, &format!("{m}, watches open"), &arm, v);
+            }
         }
     }
 
@@ -1395,6 +1455,10 @@ fn main() {
             ("APILB_BENCH_WRK", std::env::var("APILB_BENCH_WRK").ok()),
             ("APILB_BENCH_TWINS", std::env::var("APILB_BENCH_TWINS").ok()),
             ("APILB_BENCH_RATE", std::env::var("APILB_BENCH_RATE").ok()),
+            (
+                "APILB_BENCH_E_RATE",
+                std::env::var("APILB_BENCH_E_RATE").ok()
+            ),
         ]
         .iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v} ")))
@@ -1410,7 +1474,8 @@ fn main() {
          Health checks off except in the `+checks` lines (2 s). HAProxy runs with `maxconn 7500` instead of the protocol's 50000, which would need 125,000 descriptors against this machine's hard limit of 20,000. nginx's L7 arm speaks HTTP/1.1 keep-alive upstream (nginx 1.22 cannot do HTTP/2 upstream) with `keepalive 1024` idle upstream connections and `keepalive_requests` raised (its default of 1,000 closes busy HTTP/2 client connections mid-run); apilb and HAProxy use HTTP/2 upstream. Scenario d starts fresh proxy processes each round: a process that once held 5,000 connections keeps its heap. \
          Latency rows are microseconds added over the direct arm; their ratio columns are apilb's added latency ÷ the other's. A ratio in parentheses is the median of the per-round ratios (each round runs the arms back to back, so a pair shares the host's load of that moment; the ratio of medians before it does not cancel the drift between rounds).\n\n\
          Versions: apilb {apilb} · {haproxy} · {nginx} · {wrk} · {h2load} · open files limit {nofile}.\n\
-         {e_backends}\n{sysctl}{skipped}\n\
+         {e_backends}\n{sysctl}{skipped}\
+         Host stalls: with both CPUs busy, a thread on CPU 1 lost the CPU for over {stall_ms} ms in {stalled:.0} % of 100 ms windows over {probe_secs} s (longest gap {longest:.1} ms), measured before the scenarios; every arm that runs on CPU 1 shares them.\n\n\
          {table}\n\
          Whole run: {total:.0} s.\n",
         date = version("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
@@ -1431,6 +1496,7 @@ fn main() {
         sysctl = if sysctl_notes.is_empty() { String::new() } else { format!("Sysctls: {}.\n", sysctl_notes.join("; ")) },
         skipped = if skipped.is_empty() { String::new() } else { format!("Skipped: {}.\n", skipped.join("; ")) },
         total = started.elapsed().as_secs_f64(),
+        stall_ms = openloop::STALL_NS / 1_000_000,
     );
     println!("{report}");
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/RESULTS.md");

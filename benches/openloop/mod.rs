@@ -16,7 +16,8 @@
 //! all of them alike and no target always follows the same one (the direct
 //! arm leaves the proxies' CPU idle; whether that slows the next slice is
 //! reported, not assumed); each target's summary has the median over its
-//! slices of the slice's own p99 next to the whole run's percentiles.
+//! slices of the slice's own p99 next to the whole run's percentiles, and
+//! the share of its slices that a stall hit.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -65,7 +66,13 @@ pub struct Latency {
     /// target, and over the others.
     pub slice_p99_after_quiet_us: f64,
     pub slice_p99_after_busy_us: f64,
+    /// The share of slices (0-1) in which some response came more than
+    /// [`STALL_NS`] after it was due: how often a stall hit this target.
+    pub stalled_slices: f64,
 }
+
+/// A response this late (2 ms) marks its slice as stalled.
+pub const STALL_NS: u64 = 2_000_000;
 
 const TIMER: Token = Token(usize::MAX);
 
@@ -193,9 +200,11 @@ impl Order {
 fn summarize(mut lat: Vec<(u64, u64)>, after_quiet: impl Fn(u64) -> bool) -> Latency {
     lat.sort_unstable();
     let (mut all, mut quiet, mut busy) = (Vec::new(), Vec::new(), Vec::new());
+    let mut stalled = 0;
     for chunk in lat.chunk_by(|a, b| a.0 == b.0) {
         let mut ns: Vec<u64> = chunk.iter().map(|x| x.1).collect();
         let p = percentile(&mut ns, 0.99);
+        stalled += usize::from(ns.last().is_some_and(|&worst| worst > STALL_NS));
         all.push(p);
         if after_quiet(chunk[0].0) {
             quiet.push(p)
@@ -203,8 +212,10 @@ fn summarize(mut lat: Vec<(u64, u64)>, after_quiet: impl Fn(u64) -> bool) -> Lat
             busy.push(p)
         }
     }
+    let stalled_slices = stalled as f64 / all.len().max(1) as f64;
     let mut ns: Vec<u64> = lat.into_iter().map(|x| x.1).collect();
     Latency {
+        stalled_slices,
         p50_us: percentile(&mut ns, 0.50),
         p99_us: percentile(&mut ns, 0.99),
         p999_us: percentile(&mut ns, 0.999),
