@@ -2,11 +2,11 @@
 //! peer's DATA and trailers as an http `Body` (flow-control window given back
 //! as data is taken), and a `Body` copied onto a stream within its window.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tracing::debug;
 
@@ -73,82 +73,139 @@ impl Body for PeerBody {
 /// The last data frame carries END_STREAM when the body says it is the last;
 /// a broken body, or a stream the peer reset, ends it with RST_STREAM
 /// `reset` (a reset from the peer drops the body at once).
-pub async fn pipe<B>(mut body: B, mut tx: h2::SendStream<Bytes>, reset: h2::Reason)
+///
+/// A chunk goes to h2's queue once the stream has any send capacity: h2
+/// queues what does not fit yet (its send buffer is bounded, and
+/// `poll_capacity` waits for it to drain). Claiming one byte rather than
+/// the chunk's length keeps a stream that cannot send from pinning the
+/// connection's window. A body's first chunk goes at once: nothing of the
+/// stream is queued yet, and waiting would only keep the same bytes here
+/// instead of there; the wait before the next chunk still holds a slow
+/// reader's stream to one queued chunk (skipping it for the first: ~550
+/// instructions per request fewer).
+///
+/// Written by hand rather than as an `async fn`: every open stream (each
+/// watch, for as long as it lasts) holds this state, and the compiler's
+/// version of it took ~500 bytes more.
+pub fn pipe<B>(body: B, tx: h2::SendStream<Bytes>, reset: h2::Reason) -> Pipe<B> {
+    Pipe {
+        body,
+        tx,
+        reset,
+        first: true,
+        held: None,
+    }
+}
+
+/// The future [`pipe`] returns.
+pub struct Pipe<B> {
+    body: B,
+    tx: h2::SendStream<Bytes>,
+    reset: h2::Reason,
+    /// No data frame of the body has come yet.
+    first: bool,
+    /// A chunk, and whether it ends the body, waiting for send capacity.
+    held: Option<(Bytes, bool)>,
+}
+
+impl<B> Future for Pipe<B>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    let r: Result<(), BoxError> = async {
-        let mut first = true;
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        match std::task::ready!(this.step(cx)) {
+            Ok(()) => Poll::Ready(()),
+            Err(e) => {
+                debug!(error = %e, "an HTTP/2 body ended early");
+                this.tx.send_reset(this.reset);
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+impl<B> Pipe<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Moves the body on until it ends, breaks, or has to wait.
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         loop {
-            let frame = tokio::select! {
-                biased;
-                f = body.frame() => f,
-                r = std::future::poll_fn(|cx| tx.poll_reset(cx)) => {
-                    return Err(format!("the peer reset the stream: {r:?}").into());
+            if let Some((data, eos)) = self.held.take() {
+                self.tx.reserve_capacity(1);
+                while self.tx.capacity() == 0 {
+                    match self.tx.poll_capacity(cx) {
+                        Poll::Pending => {
+                            self.held = Some((data, eos));
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Some(n)) => {
+                            n?;
+                        }
+                        Poll::Ready(None) => return Poll::Ready(Err("the stream closed".into())),
+                    }
+                }
+                self.tx.send_data(data, eos)?;
+                if eos {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(f) => f,
+                Poll::Pending => {
+                    return match self.tx.poll_reset(cx) {
+                        Poll::Ready(r) => {
+                            Poll::Ready(Err(format!("the peer reset the stream: {r:?}").into()))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    };
                 }
             };
             let Some(frame) = frame else {
-                tx.send_data(Bytes::new(), true)?;
-                return Ok(());
+                self.tx.send_data(Bytes::new(), true)?;
+                return Poll::Ready(Ok(()));
             };
             match frame.map_err(Into::into)?.into_data() {
                 Ok(data) => {
-                    let eos = body.is_end_stream();
-                    send_data(&mut tx, data, eos, first).await?;
-                    first = false;
-                    if eos {
-                        return Ok(());
+                    let eos = self.body.is_end_stream();
+                    let first = std::mem::take(&mut self.first);
+                    if data.is_empty() || first {
+                        if !data.is_empty() || eos {
+                            self.tx.send_data(data, eos)?;
+                        }
+                        if eos {
+                            return Poll::Ready(Ok(()));
+                        }
+                    } else {
+                        self.held = Some((data, eos));
                     }
                 }
                 Err(f) => {
                     if let Ok(t) = f.into_trailers() {
-                        tx.send_trailers(t)?;
-                        return Ok(());
+                        self.tx.send_trailers(t)?;
+                        return Poll::Ready(Ok(()));
                     }
                 }
             }
         }
     }
-    .await;
-    if let Err(e) = r {
-        debug!(error = %e, "an HTTP/2 body ended early");
-        tx.send_reset(reset);
-    }
 }
 
-/// Sends one chunk once the stream has any send capacity: h2 queues what
-/// does not fit yet (its send buffer is bounded, and `poll_capacity` waits
-/// for it to drain). Claiming one byte rather than the chunk's length keeps
-/// a stream that cannot send from pinning the connection's window. `eos`
-/// ends the stream with the chunk. A body's `first` chunk goes to h2's
-/// queue at once: nothing of the stream is queued yet, and waiting would
-/// only keep the same bytes here instead of there; the wait before the
-/// next chunk still holds a slow reader's stream to one queued chunk
-/// (skipping it for the first: ~550 instructions per request fewer).
-async fn send_data(
-    tx: &mut h2::SendStream<Bytes>,
-    data: Bytes,
-    eos: bool,
-    first: bool,
-) -> Result<(), BoxError> {
-    if data.is_empty() {
-        if eos {
-            tx.send_data(data, true)?;
-        }
-        return Ok(());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every open stream (each watch, for as long as it lasts) holds one:
+    /// the body, the stream handle and at most one chunk. The `async fn`
+    /// it replaced held ~500 bytes more (docs/performance.md, round 17).
+    #[test]
+    fn a_pipe_holds_little_beside_its_body() {
+        let own = std::mem::size_of::<Pipe<http_body_util::Empty<Bytes>>>();
+        assert!(own <= 96, "a pipe holds {own} bytes besides its body");
     }
-    if first {
-        tx.send_data(data, eos)?;
-        return Ok(());
-    }
-    tx.reserve_capacity(1);
-    while tx.capacity() == 0 {
-        match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
-            Some(n) => n?,
-            None => return Err("the stream closed".into()),
-        };
-    }
-    tx.send_data(data, eos)?;
-    Ok(())
 }
