@@ -133,27 +133,34 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
+    /// Sends the held chunk, if any, once the stream has any send capacity:
+    /// true when it ended the body.
+    fn poll_held(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, BoxError>> {
+        let Some((data, eos)) = self.held.take() else {
+            return Poll::Ready(Ok(false));
+        };
+        self.tx.reserve_capacity(1);
+        while self.tx.capacity() == 0 {
+            match self.tx.poll_capacity(cx) {
+                Poll::Pending => {
+                    self.held = Some((data, eos));
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(n)) => {
+                    n?;
+                }
+                Poll::Ready(None) => return Poll::Ready(Err("the stream closed".into())),
+            }
+        }
+        self.tx.send_data(data, eos)?;
+        Poll::Ready(Ok(eos))
+    }
+
     /// Moves the body on until it ends, breaks, or has to wait.
     fn step(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         loop {
-            if let Some((data, eos)) = self.held.take() {
-                self.tx.reserve_capacity(1);
-                while self.tx.capacity() == 0 {
-                    match self.tx.poll_capacity(cx) {
-                        Poll::Pending => {
-                            self.held = Some((data, eos));
-                            return Poll::Pending;
-                        }
-                        Poll::Ready(Some(n)) => {
-                            n?;
-                        }
-                        Poll::Ready(None) => return Poll::Ready(Err("the stream closed".into())),
-                    }
-                }
-                self.tx.send_data(data, eos)?;
-                if eos {
-                    return Poll::Ready(Ok(()));
-                }
+            if std::task::ready!(self.poll_held(cx))? {
+                return Poll::Ready(Ok(()));
             }
             let frame = match Pin::new(&mut self.body).poll_frame(cx) {
                 Poll::Ready(f) => f,
