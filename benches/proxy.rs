@@ -1319,18 +1319,22 @@ fn main() {
         }
         // d: idle long-lived connections, against freshly started proxies:
         // a process that already held 5,000 connections keeps its heap.
+        // A fresh process of one arm, for the memory rows of d and f: a
+        // process that once held thousands of connections keeps its heap.
+        let fresh = |name: &str| match name {
+            "apilb" => Some(start_apilb(d, &b, &ca_file, &cert, &key, "pss")),
+            "haproxy" => haproxy
+                .as_ref()
+                .map(|bin| start_haproxy(bin, d, &b, &pem, "")),
+            _ => nginx
+                .as_ref()
+                .map(|bin| start_nginx(bin, d, &b, &cert, &key)),
+        };
         if o.wants('d') {
             for name in ["apilb", "haproxy", "nginx"] {
-                let fresh = match name {
-                    "apilb" => Some(start_apilb(d, &b, &ca_file, &cert, &key, "pss")),
-                    "haproxy" => haproxy
-                        .as_ref()
-                        .map(|bin| start_haproxy(bin, d, &b, &pem, "")),
-                    _ => nginx
-                        .as_ref()
-                        .map(|bin| start_nginx(bin, d, &b, &cert, &key)),
+                let Some((p, ports)) = fresh(name) else {
+                    continue;
                 };
-                let Some((p, ports)) = fresh else { continue };
                 let addr = SocketAddr::from(([127, 0, 0, 1], ports.plain));
                 // One connection first, so lazily built state is not counted.
                 drop(open_idle(addr, 1));
@@ -1407,13 +1411,9 @@ fn main() {
             // Memory per watch in fresh processes, as d measures idle
             // connections: a process that served h2load reuses that heap.
             for name in ["apilb", "haproxy"] {
-                let fresh = match name {
-                    "apilb" => Some(start_apilb(d, &b, &ca_file, &cert, &key, "pss")),
-                    _ => haproxy
-                        .as_ref()
-                        .map(|bin| start_haproxy(bin, d, &b, &pem, "")),
+                let Some((p, ports)) = fresh(name) else {
+                    continue;
                 };
-                let Some((p, ports)) = fresh else { continue };
                 let addr = SocketAddr::from(([127, 0, 0, 1], ports.l7));
                 // One watch first, so lazily built state is not counted.
                 drop(open_watches(addr, &ca_file, 1));
