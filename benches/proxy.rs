@@ -871,6 +871,76 @@ fn open_watches(addr: SocketAddr, ca: &Path, n: usize) -> Watches {
     }
 }
 
+/// Where the open-loop client reaches each arm for load of `kind`.
+fn load_targets(
+    arms: &[&(String, Option<Proc>, Ports)],
+    kind: &str,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+) -> Vec<openloop::Target> {
+    arms.iter()
+        .map(|(_, _, ports)| {
+            let (port, tls) = match kind {
+                "plain" => (ports.plain, None),
+                "h2" => (ports.l7, Some(tls.clone())),
+                _ => (ports.tls, Some(tls.clone())),
+            };
+            openloop::Target {
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                tls,
+            }
+        })
+        .collect()
+}
+
+/// Scenario e's closed loop through this harness's own client: 16
+/// connections keep 32 streams each busy, as h2load `-c16 -m32`, but a
+/// request is due the moment its stream freed, so its wait inside the client
+/// counts (h2load's stamp leaves it out). The arms take turns in 500 ms
+/// slices: each slice begins with 512 requests at a proxy idle since its
+/// last, a ramp that 100 ms slices made a tenth of the samples. Returns ((scenario, metric, arm), value): each arm's req/s and
+/// each proxy's added p50 and p99 over the direct arm.
+fn closed_loop<'a>(
+    arms: impl IntoIterator<Item = &'a (String, Option<Proc>, Ports)>,
+    secs: u64,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+) -> Vec<((String, String, String), f64)> {
+    let arms: Vec<_> = arms.into_iter().collect();
+    let load = openloop::Load {
+        conns: 16,
+        pace: openloop::Pace::Closed,
+        secs: secs as f64,
+        slice: Duration::from_millis(500),
+        h2_streams: Some(32),
+    };
+    let direct = arms
+        .iter()
+        .position(|(n, ..)| n == "direct")
+        .expect("a direct arm");
+    let got = openloop::run(&load_targets(&arms, "h2", tls), "/1k", &load, direct)
+        .unwrap_or_else(|e| panic!("closed loop (h2, c16 m32): {e}"));
+    let s = "e HTTP/2 L7".to_string();
+    let mut out = Vec::new();
+    for ((name, ..), l) in arms.iter().zip(&got) {
+        eprintln!(
+            "  closed loop h2 c16 m32 {name}: {:.0} req/s, p50 {:.0} p99 {:.0} µs",
+            l.per_sec, l.p50_us, l.p99_us
+        );
+        let m = "req/s (own client, closed loop c16 m32)".to_string();
+        out.push(((s.clone(), m, name.clone()), l.per_sec));
+        if *name == "direct" {
+            continue;
+        }
+        for (q, v, base) in [
+            ("p50", l.p50_us, got[direct].p50_us),
+            ("p99", l.p99_us, got[direct].p99_us),
+        ] {
+            let m = format!("added {q} µs (own client, closed loop c16 m32)");
+            out.push(((s.clone(), m, name.clone()), v - base));
+        }
+    }
+    out
+}
+
 /// Scenario b (`kind` plain or tls) or e (`kind` h2: up to 32 streams per
 /// connection, as h2load `-m32`) at a fixed rate (open loop) through every
 /// arm, the arms taking turns in 100 ms slices: added p50, p99, p99.9 and
@@ -888,25 +958,12 @@ fn fixed_rate<'a>(
     let arms: Vec<_> = arms.into_iter().collect();
     let load = openloop::Load {
         conns,
-        rate,
+        pace: openloop::Pace::Rate(rate),
         secs: secs as f64,
         slice: Duration::from_millis(100),
         h2_streams: (kind == "h2").then_some(32),
     };
-    let targets: Vec<openloop::Target> = arms
-        .iter()
-        .map(|(_, _, ports)| {
-            let (port, tls) = match kind {
-                "plain" => (ports.plain, None),
-                "h2" => (ports.l7, Some(tls.clone())),
-                _ => (ports.tls, Some(tls.clone())),
-            };
-            openloop::Target {
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                tls,
-            }
-        })
-        .collect();
+    let targets = load_targets(&arms, kind, tls);
     let pids: Vec<Option<u32>> = arms
         .iter()
         .map(|(_, p, _)| p.as_ref().map(Proc::pid))
@@ -1402,6 +1459,11 @@ fn main() {
             for (m, v) in fixed_rate(e_arms.iter(), "h2", 16, o.e_rate, secs, &h2_client) {
                 rec(&mut r, &m.0, &m.1, &m.2, v);
             }
+            // h2load's closed loop again, counting each request's wait
+            // inside the client too.
+            for (m, v) in closed_loop(e_arms.iter(), secs, &h2_client) {
+                rec(&mut r, &m.0, &m.1, &m.2, v);
+            }
         }
         // f: L7 GETs while many watches are open (apilb vs HAProxy).
         if h2.is_some() && o.wants('f') {
@@ -1503,6 +1565,7 @@ fn main() {
          wrk/h2load/curl and the backends (three plain HTTP and three TLS listeners in one process) on CPU 0. \
          {runs} measured run(s) of {secs} s per arm{warm}, arms interleaved; cells are median (min–max); ⚠ marks a spread above 5 %. \
          Health checks off except in the `+checks` lines (2 s). HAProxy runs with `maxconn 7500` instead of the protocol's 50000, which would need 125,000 descriptors against this machine's hard limit of 20,000. nginx's L7 arm speaks HTTP/1.1 keep-alive upstream (nginx 1.22 cannot do HTTP/2 upstream) with `keepalive 1024` idle upstream connections and `keepalive_requests` raised (its default of 1,000 closes busy HTTP/2 client connections mid-run); apilb and HAProxy use HTTP/2 upstream. Scenario d, and f's memory row, start fresh proxy processes each round (a process that once held 5,000 connections keeps its heap), apilb's with `MIMALLOC_ALLOW_THP=0` so that its heap does not grow in 2 MiB huge pages. \
+         Scenario e's `own client` rows run h2load's closed loop (c16 m32) through this harness's HTTP/2 client, each request timed from the moment its stream freed (h2load times a request from when it serializes it, which leaves out the wait in its own queue), the arms taking turns in 500 ms slices. \
          Latency rows are microseconds added over the direct arm; their ratio columns are apilb's added latency ÷ the other's. A ratio in parentheses is the median of the per-round ratios (each round runs the arms back to back, so a pair shares the host's load of that moment; the ratio of medians before it does not cancel the drift between rounds).\n\n\
          Versions: apilb {apilb} · {haproxy} · {nginx} · {wrk} · {h2load} · open files limit {nofile}.\n\
          {e_backends}\n{sysctl}{skipped}\

@@ -69,6 +69,10 @@ impl Session {
         frame(out, WINDOW_UPDATE, 0, 0, &(WINDOW - 65_535).to_be_bytes());
     }
 
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
     pub fn has_room(&self) -> bool {
         self.inflight.len() < self.max_streams
     }

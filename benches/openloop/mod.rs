@@ -3,7 +3,9 @@
 //! counts from when a request was due, so a slow answer is charged for the
 //! requests it held back (no coordinated omission). Over HTTP/2 a
 //! connection carries up to a set number of streams at once (h2load's
-//! `-m`); over HTTP/1.1, one request at a time.
+//! `-m`); over HTTP/1.1, one request at a time. The same client also runs a
+//! closed loop ([`Pace::Closed`]): every stream asks again once answered,
+//! a request due the moment its stream freed.
 //!
 //! wrk keeps every connection busy: at saturation its latency is mostly the
 //! queue on the load generator's own CPU. At a fixed rate below what every
@@ -37,8 +39,8 @@ mod h2;
 pub struct Load {
     /// Keep-alive connections to each target.
     pub conns: usize,
-    /// Requests per second while a target has the load.
-    pub rate: f64,
+    /// When requests fall due.
+    pub pace: Pace,
     /// Seconds of load each target receives.
     pub secs: f64,
     /// Targets take turns holding the load for this long each.
@@ -46,6 +48,20 @@ pub struct Load {
     /// HTTP/2 (over TLS with ALPN h2) with at most this many streams in
     /// flight per connection; `None` is HTTP/1.1, one request at a time.
     pub h2_streams: Option<usize>,
+}
+
+/// When requests fall due.
+#[derive(Clone, Copy)]
+pub enum Pace {
+    /// At this many requests per second while a target has the load,
+    /// whatever the answers do (open loop).
+    Rate(f64),
+    /// As soon as a stream (an HTTP/1.1 connection) is free: every one the
+    /// target has stays busy while it holds the load, as in h2load or wrk
+    /// (closed loop). A request is due the moment its stream freed, so the
+    /// time it waits inside this client counts too, which h2load leaves
+    /// out: it stamps a request when it serializes its HEADERS frame.
+    Closed,
 }
 
 /// Where to send: an address, TLS when a client config is given.
@@ -69,6 +85,8 @@ pub struct Latency {
     /// The share of slices (0-1) in which some response came more than
     /// [`STALL_NS`] after it was due: how often a stall hit this target.
     pub stalled_slices: f64,
+    /// Responses per second of the time this target held the load.
+    pub per_sec: f64,
 }
 
 /// A response this late (2 ms) marks its slice as stalled.
@@ -85,73 +103,171 @@ const TIMER: Token = Token(usize::MAX);
 /// each other either. Slices that followed target `quiet` are also
 /// summarized apart. Returns one latency summary per target.
 pub fn run(targets: &[Target], path: &str, load: &Load, quiet: usize) -> io::Result<Vec<Latency>> {
-    let mut poll = Poll::new()?;
-    let mut conns = Vec::with_capacity(targets.len() * load.conns);
-    for (t, target) in targets.iter().enumerate() {
-        for _ in 0..load.conns {
-            let token = Token(conns.len());
-            let proto = match load.h2_streams {
-                None => Proto::H1 {
-                    request: format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", target.addr)
-                        .into_bytes(),
-                    busy: false,
-                },
-                Some(m) => Proto::H2(h2::Session::new(path, &target.addr.to_string(), m)),
-            };
-            conns.push(Conn::open(target, proto, t, poll.registry(), token)?);
-        }
+    let mut r = Run::open(targets, path, load)?;
+    match load.pace {
+        Pace::Rate(rate) => r.at_rate(rate, load)?,
+        Pace::Closed => r.closed(load)?,
     }
-    let timer = Timer::new()?;
-    poll.registry().register(
-        &mut SourceFd(&timer.fd.as_raw_fd()),
-        TIMER,
-        Interest::READABLE,
-    )?;
-    let n = targets.len() as u64;
-    let step = (1e9 / load.rate) as u64;
-    let per_slice = (load.slice.as_nanos() as u64 / step).max(1);
-    let total = (load.secs * load.rate) as u64 * n;
-    let begin = now_ns() + 20_000_000;
-    let give_up = begin + total * step + 10_000_000_000;
-    let mut lat: Vec<Vec<(u64, u64)>> = targets.iter().map(|_| Vec::new()).collect();
-    let mut order = Order::new(targets.len());
-    let mut sent = vec![0u64; targets.len()];
-    let mut done = 0usize;
-    let mut events = Events::with_capacity(1024);
-    let mut next = 0u64; // the next request to fall due
-    while done < total as usize {
-        let now = now_ns();
-        if now > give_up {
-            return Err(io::Error::other(format!(
-                "{done} of {total} responses after the run and 10 s more"
-            )));
+    let order = r.order;
+    Ok(r.lat
+        .into_iter()
+        .map(|l| summarize(l, load.secs, |slice| order.before(slice) == Some(quiet)))
+        .collect())
+}
+
+/// One run's connections (`per_target` to each target, in target order),
+/// its timer, the slices' order and the latencies so far, per target.
+struct Run {
+    poll: Poll,
+    events: Events,
+    conns: Vec<Conn>,
+    per_target: usize,
+    timer: Timer,
+    order: Order,
+    lat: Vec<Vec<(u64, u64)>>,
+}
+
+impl Run {
+    fn open(targets: &[Target], path: &str, load: &Load) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let mut conns = Vec::with_capacity(targets.len() * load.conns);
+        for (t, target) in targets.iter().enumerate() {
+            for _ in 0..load.conns {
+                let token = Token(conns.len());
+                let proto = match load.h2_streams {
+                    None => Proto::H1 {
+                        request: format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", target.addr)
+                            .into_bytes(),
+                        busy: false,
+                    },
+                    Some(m) => Proto::H2(h2::Session::new(path, &target.addr.to_string(), m)),
+                };
+                conns.push(Conn::open(target, proto, t, poll.registry(), token)?);
+            }
         }
-        while next < total && begin + next * step <= now {
-            let slice = next / per_slice;
-            let t = order.target(slice);
-            let c = &mut conns[t * load.conns + (sent[t] % load.conns as u64) as usize];
-            sent[t] += 1;
-            c.due.push_back((begin + next * step, slice));
-            c.send_due()?;
-            next += 1;
-        }
-        if next < total {
-            timer.arm(begin + next * step)?;
-        }
-        poll.poll(&mut events, Some(Duration::from_secs(1)))?;
-        for ev in events.iter() {
+        let timer = Timer::new()?;
+        poll.registry().register(
+            &mut SourceFd(&timer.fd.as_raw_fd()),
+            TIMER,
+            Interest::READABLE,
+        )?;
+        Ok(Run {
+            poll,
+            events: Events::with_capacity(1024),
+            conns,
+            per_target: load.conns,
+            timer,
+            order: Order::new(targets.len()),
+            lat: targets.iter().map(|_| Vec::new()).collect(),
+        })
+    }
+
+    /// Waits (up to a second) for the timer or for connections to become
+    /// readable, and reads them: `completed` gets each connection that
+    /// finished responses, with how many.
+    fn turn(&mut self, completed: &mut Vec<(usize, usize)>) -> io::Result<()> {
+        self.poll
+            .poll(&mut self.events, Some(Duration::from_secs(1)))?;
+        for ev in self.events.iter() {
             if ev.token() == TIMER {
-                timer.drain();
+                self.timer.drain();
                 continue;
             }
-            let c = &mut conns[ev.token().0];
-            done += c.on_ready(&mut lat[c.target])?;
+            let c = &mut self.conns[ev.token().0];
+            let n = c.on_ready(&mut self.lat[c.target])?;
+            if n > 0 {
+                completed.push((ev.token().0, n));
+            }
+        }
+        Ok(())
+    }
+
+    /// Open loop: requests fall due every `1 / rate` s, round-robin over
+    /// the connections of the target holding the slice.
+    fn at_rate(&mut self, rate: f64, load: &Load) -> io::Result<()> {
+        let n = self.lat.len() as u64;
+        let step = (1e9 / rate) as u64;
+        let per_slice = (load.slice.as_nanos() as u64 / step).max(1);
+        let total = (load.secs * rate) as u64 * n;
+        let begin = now_ns() + 20_000_000;
+        let give_up = begin + total * step + 10_000_000_000;
+        let mut sent = vec![0u64; n as usize];
+        let (mut done, mut completed) = (0usize, Vec::new());
+        let mut next = 0u64; // the next request to fall due
+        while done < total as usize {
+            let now = now_ns();
+            if now > give_up {
+                return Err(io::Error::other(format!(
+                    "{done} of {total} responses after the run and 10 s more"
+                )));
+            }
+            while next < total && begin + next * step <= now {
+                let slice = next / per_slice;
+                let t = self.order.target(slice);
+                let c = &mut self.conns
+                    [t * self.per_target + (sent[t] % self.per_target as u64) as usize];
+                sent[t] += 1;
+                c.due.push_back((begin + next * step, slice));
+                c.send_due()?;
+                next += 1;
+            }
+            if next < total {
+                self.timer.arm(begin + next * step)?;
+            }
+            self.turn(&mut completed)?;
+            done += completed.drain(..).map(|(_, k)| k).sum::<usize>();
+        }
+        Ok(())
+    }
+
+    /// Closed loop: while a target holds the slice, each of its connections
+    /// keeps its window (streams, or one HTTP/1.1 request) full, a request
+    /// due the moment its stream freed; the other targets' requests in
+    /// flight finish without being replaced.
+    fn closed(&mut self, load: &Load) -> io::Result<()> {
+        let slice_ns = load.slice.as_nanos() as u64;
+        let slices = ((load.secs * 1e9) as u64 / slice_ns).max(1) * self.lat.len() as u64;
+        let window = load.h2_streams.unwrap_or(1);
+        let begin = now_ns() + 20_000_000;
+        let end = begin + slices * slice_ns;
+        let mut completed = Vec::new();
+        let mut held = None; // the slice whose target has been topped up
+        loop {
+            let now = now_ns();
+            if now >= end && self.conns.iter().all(|c| c.outstanding() == 0) {
+                return Ok(());
+            }
+            if now > end + 10_000_000_000 {
+                return Err(io::Error::other(
+                    "responses still missing 10 s after the run",
+                ));
+            }
+            let slice = (now >= begin && now < end).then(|| (now - begin) / slice_ns);
+            if let Some(s) = slice.filter(|&s| held != Some(s)) {
+                held = Some(s);
+                let t = self.order.target(s);
+                for c in (0..self.per_target).map(|i| t * self.per_target + i) {
+                    self.conns[c].top_up(window, (now, s))?;
+                }
+            }
+            if now < end {
+                self.timer
+                    .arm(begin + (slice.map_or(0, |s| s + 1)) * slice_ns)?;
+            }
+            self.turn(&mut completed)?;
+            let now = now_ns();
+            let Some(s) = (now >= begin && now < end).then(|| (now - begin) / slice_ns) else {
+                completed.clear();
+                continue;
+            };
+            let t = self.order.target(s);
+            for (c, _) in completed.drain(..) {
+                if self.conns[c].target == t {
+                    self.conns[c].top_up(window, (now, s))?;
+                }
+            }
         }
     }
-    Ok(lat
-        .into_iter()
-        .map(|l| summarize(l, |slice| order.before(slice) == Some(quiet)))
-        .collect())
 }
 
 /// Which target holds each slice: cycle `k` is a permutation of the targets
@@ -197,7 +313,8 @@ impl Order {
 
 /// Percentiles of `(slice, latency)` samples, and the median of per-slice
 /// p99s overall, after the quiet target, and after any other.
-fn summarize(mut lat: Vec<(u64, u64)>, after_quiet: impl Fn(u64) -> bool) -> Latency {
+fn summarize(mut lat: Vec<(u64, u64)>, secs: f64, after_quiet: impl Fn(u64) -> bool) -> Latency {
+    let per_sec = lat.len() as f64 / secs;
     lat.sort_unstable();
     let (mut all, mut quiet, mut busy) = (Vec::new(), Vec::new(), Vec::new());
     let mut stalled = 0;
@@ -215,6 +332,7 @@ fn summarize(mut lat: Vec<(u64, u64)>, after_quiet: impl Fn(u64) -> bool) -> Lat
     let stalled_slices = stalled as f64 / all.len().max(1) as f64;
     let mut ns: Vec<u64> = lat.into_iter().map(|x| x.1).collect();
     Latency {
+        per_sec,
         stalled_slices,
         p50_us: percentile(&mut ns, 0.50),
         p99_us: percentile(&mut ns, 0.99),
@@ -402,6 +520,23 @@ impl Conn {
                 self.write(&out)
             }
         }
+    }
+
+    /// Requests due, on the wire or in flight, not yet answered.
+    fn outstanding(&self) -> usize {
+        match &self.proto {
+            Proto::H1 { .. } => self.due.len(),
+            Proto::H2(s) => self.due.len() + s.in_flight(),
+        }
+    }
+
+    /// Makes requests due now until `window` are outstanding, and sends
+    /// them.
+    fn top_up(&mut self, window: usize, due: (u64, u64)) -> io::Result<()> {
+        for _ in self.outstanding()..window {
+            self.due.push_back(due);
+        }
+        self.send_due()
     }
 
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
