@@ -164,8 +164,8 @@ impl Run {
 
     /// Waits (up to a second) for the timer or for connections to become
     /// readable, and reads them: `completed` gets each connection that
-    /// finished responses, with how many.
-    fn turn(&mut self, completed: &mut Vec<(usize, usize)>) -> io::Result<()> {
+    /// finished responses, with how many and when they were read.
+    fn turn(&mut self, completed: &mut Vec<(usize, usize, u64)>) -> io::Result<()> {
         self.poll
             .poll(&mut self.events, Some(Duration::from_secs(1)))?;
         for ev in self.events.iter() {
@@ -176,7 +176,7 @@ impl Run {
             let c = &mut self.conns[ev.token().0];
             let n = c.on_ready(&mut self.lat[c.target])?;
             if n > 0 {
-                completed.push((ev.token().0, n));
+                completed.push((ev.token().0, n, now_ns()));
             }
         }
         Ok(())
@@ -215,7 +215,7 @@ impl Run {
                 self.timer.arm(begin + next * step)?;
             }
             self.turn(&mut completed)?;
-            done += completed.drain(..).map(|(_, k)| k).sum::<usize>();
+            done += completed.drain(..).map(|(_, k, _)| k).sum::<usize>();
         }
         Ok(())
     }
@@ -255,15 +255,15 @@ impl Run {
                     .arm(begin + (slice.map_or(0, |s| s + 1)) * slice_ns)?;
             }
             self.turn(&mut completed)?;
-            let now = now_ns();
-            let Some(s) = (now >= begin && now < end).then(|| (now - begin) / slice_ns) else {
-                completed.clear();
-                continue;
-            };
-            let t = self.order.target(s);
-            for (c, _) in completed.drain(..) {
-                if self.conns[c].target == t {
-                    self.conns[c].top_up(window, (now, s))?;
+            // A freed stream's next request is due when its answer was read,
+            // not after the rest of the turn.
+            for (c, _, at) in completed.drain(..) {
+                if at < begin || at >= end {
+                    continue;
+                }
+                let s = (at - begin) / slice_ns;
+                if self.conns[c].target == self.order.target(s) {
+                    self.conns[c].top_up(window, (at, s))?;
                 }
             }
         }
