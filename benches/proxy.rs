@@ -897,8 +897,9 @@ fn load_targets(
 /// request is due the moment its stream freed, so its wait inside the client
 /// counts (h2load's stamp leaves it out). The arms take turns in 500 ms
 /// slices: each slice begins with 512 requests at a proxy idle since its
-/// last, a ramp that 100 ms slices made a tenth of the samples. Returns ((scenario, metric, arm), value): each arm's req/s and
-/// each proxy's added p50 and p99 over the direct arm.
+/// last, a ramp that 100 ms slices made a tenth of the samples. Returns
+/// ((scenario, metric, arm), value): each arm's req/s and each proxy's
+/// added p50 and p99 over the direct arm.
 fn closed_loop<'a>(
     arms: impl IntoIterator<Item = &'a (String, Option<Proc>, Ports)>,
     secs: u64,
@@ -1374,8 +1375,6 @@ fn main() {
                 );
             }
         }
-        // d: idle long-lived connections, against freshly started proxies:
-        // a process that already held 5,000 connections keeps its heap.
         // A fresh process of one arm, for the memory rows of d and f: a
         // process that once held thousands of connections keeps its heap.
         let fresh = |name: &str| match name {
@@ -1387,6 +1386,7 @@ fn main() {
                 .as_ref()
                 .map(|bin| start_nginx(bin, d, &b, &cert, &key)),
         };
+        // d: idle long-lived connections, in fresh processes.
         if o.wants('d') {
             for name in ["apilb", "haproxy", "nginx"] {
                 let Some((p, ports)) = fresh(name) else {
