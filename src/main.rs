@@ -184,6 +184,14 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
+/// Tasks the runtime polls between two looks for I/O (tokio's default: 61).
+/// Under L7 load hundreds of stream and connection tasks are ready at once;
+/// at 61, bytes that arrived wait behind up to 61 polls, and each turn of a
+/// client flush's gather (`proxy::coalesce`) lasts as long. At 3, apilb's
+/// p99 under h2load's c16 m32 load fell by a fifth at 2-3 % of its req/s,
+/// and L4 at c=64 did not move (docs/performance.md, round 19).
+const EVENT_INTERVAL: u32 = 3;
+
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut b = if workers == Some(1) {
         tokio::runtime::Builder::new_current_thread()
@@ -193,7 +201,8 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     if let Some(w) = workers.filter(|w| *w > 1) {
         b.worker_threads(w);
     }
-    b.enable_all()
+    b.event_interval(EVENT_INTERVAL)
+        .enable_all()
         .build()
         .context("cannot start the async runtime")
 }
