@@ -188,8 +188,8 @@ fn check(path: &Path) -> ExitCode {
 /// Under L7 load hundreds of stream and connection tasks are ready at once;
 /// at 61, bytes that arrived wait behind up to 61 polls, and each turn of a
 /// client flush's gather (`proxy::coalesce`) lasts as long. At 3, apilb's
-/// p99 under h2load's c16 m32 load fell by a fifth for about 3 % of its
-/// req/s, and L4 at c=64 did not move (docs/performance.md, round 19).
+/// p99 in a closed loop of 16 connections × 32 streams fell by a fifth for
+/// about 3 % of its req/s, and L4 at c=64 did not move (docs/performance.md, round 19).
 const EVENT_INTERVAL: u32 = 3;
 
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
